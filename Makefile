@@ -1,0 +1,118 @@
+# cellfleet: `make up` stands up the lab, `make test` proves it. `make help` lists every target.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PYTHON      ?= python3
+BIN         := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export ANSIBLE_FORCE_COLOR ?= false
+INVENTORY   ?= inventory/lab/hosts.yml
+STAMP_DIR   := $(VENV)/.stamps
+
+HOST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
+	debootstrap e2fsprogs dnsmasq-base iproute2 socat netcat-openbsd openssh-client nftables \
+	python3-venv python3-dev gcc bc
+
+PLAYBOOKS := $(filter-out playbooks/site.yml,$(wildcard playbooks/*.yml)) playbooks/site.yml \
+	$(wildcard playbooks/lab/*.yml)
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
+
+# --- setup ------------------------------------------------------------------------------------------
+
+.PHONY: host-deps
+host-deps: ## Install the host packages the lab needs (apt)
+	@missing=$$(dpkg-query -W -f='$${Package} $${db:Status-Abbrev}\n' $(HOST_PACKAGES) 2>/dev/null \
+		| awk '$$2 != "ii" {print $$1}'; for p in $(HOST_PACKAGES); do \
+		dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		echo "[setup] installing host packages: $$missing"; \
+		apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP_DIR)/venv: requirements.txt | host-deps
+	@echo "[setup] creating $(VENV) from requirements.txt"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
+	@$(BIN)/pip install -q -r requirements.txt
+	@mkdir -p $(STAMP_DIR) && touch $@
+
+$(STAMP_DIR)/collections: requirements.yml $(STAMP_DIR)/venv
+	@$(BIN)/python scripts/check_collections.py requirements.yml
+	@touch $@
+
+.PHONY: venv
+venv: $(STAMP_DIR)/collections ## Create .venv with pinned tools and check the pinned collections
+
+.PHONY: image
+image: venv ## Build the golden image unless the cached one matches its recipe
+	@$(BIN)/python images/build_image.py
+
+# --- the lab ----------------------------------------------------------------------------------------
+
+.PHONY: lab-host
+lab-host: host-deps ## Start the lab namespace and libvirtd inside it
+	@scripts/labhost up
+
+.PHONY: lab
+lab: image lab-host ## Clone and boot the lab VMs
+	@echo "[lab] cloning and booting the lab VMs (first boot under emulation: about a minute)"
+	@ansible-playbook -i $(INVENTORY) playbooks/lab/up.yml
+
+.PHONY: converge
+converge: venv ## Converge playbooks/site.yml on the lab
+	@echo "[lab] converging playbooks/site.yml"
+	@ansible-playbook -i $(INVENTORY) playbooks/site.yml
+
+.PHONY: up
+up: lab converge ## Build the image if needed, start the lab, converge it, print where to reach it
+	@scripts/lab-info $(INVENTORY)
+
+.PHONY: down
+down: venv lab-host ## Remove the lab VMs, their disks and the lab namespace (the image cache stays)
+	@ansible-playbook -i $(INVENTORY) playbooks/lab/down.yml
+	@scripts/labhost down
+
+# --- checks -----------------------------------------------------------------------------------------
+
+.PHONY: lint
+lint: venv ## ruff, yamllint, ansible-lint (production profile)
+	@echo "[test] ruff"; ruff check . && ruff format --check .
+	@echo "[test] yamllint"; yamllint --strict .
+	@echo "[test] ansible-lint"; ansible-lint --profile production --strict
+
+.PHONY: syntax
+syntax: venv ## ansible-playbook --syntax-check of every playbook
+	@for playbook in $(PLAYBOOKS); do \
+		echo "[test] syntax-check $$playbook"; \
+		ansible-playbook -i $(INVENTORY) --syntax-check $$playbook >/dev/null; \
+	done
+
+.PHONY: unit
+unit: venv ## pytest unit tests (modules, image builder, templates)
+	@pytest -q tests/unit
+
+.PHONY: molecule
+molecule: image lab-host ## Molecule scenario on real VMs: create, converge, idempotence, verify, destroy
+	@cd tests && molecule test --scenario-name base
+
+.PHONY: verify
+verify: venv ## testinfra suite against the running lab (after `make up`)
+	@pytest -q tests/infra --hosts='ansible://all' --ansible-inventory=$(INVENTORY) -p no:cacheprovider
+
+.PHONY: test
+test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests, molecule on real VMs
+
+.PHONY: bench
+bench: image lab-host ## Foundation benchmarks: image build, overlay, clone to SSH, converge, re-converge
+	@$(BIN)/python bench/foundation.py --inventory $(INVENTORY)
+
+.PHONY: clean
+clean: ## Remove the venv (the image cache in /var/cache/cellfleet stays)
+	rm -rf $(VENV)
