@@ -11,6 +11,13 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_FORCE_COLOR ?= false
 INVENTORY   ?= inventory/lab/hosts.yml
 STAMP_DIR   := $(VENV)/.stamps
+# Mitogen keeps one Python per host instead of starting one per task: about 5x faster under emulation.
+# MITOGEN=0 runs plain Ansible.
+MITOGEN     ?= 1
+ifeq ($(MITOGEN),1)
+export ANSIBLE_STRATEGY_PLUGINS := $(CURDIR)/$(VENV)/lib/python3.11/site-packages/ansible_mitogen/plugins/strategy
+export ANSIBLE_STRATEGY := mitogen_linear
+endif
 
 HOST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
 	debootstrap e2fsprogs dnsmasq-base iproute2 socat netcat-openbsd openssh-client nftables \
@@ -72,7 +79,7 @@ converge: venv ## Converge playbooks/site.yml on the lab
 
 .PHONY: up
 up: lab converge ## Build the image if needed, start the lab, converge it, print where to reach it
-	@scripts/lab-info $(INVENTORY)
+	@$(BIN)/python scripts/lab_info.py $(INVENTORY)
 
 .PHONY: down
 down: venv lab-host ## Remove the lab VMs, their disks and the lab namespace (the image cache stays)

@@ -1,0 +1,115 @@
+"""Shared fixtures for the testinfra suites: the inventory, each host's peers, throwaway TCP listeners."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import testinfra
+from testinfra.host import Host
+from testinfra.utils.ansible_runner import AnsibleRunner
+
+# Ports the probe listeners take: two that groups open, one that no group opens.
+PROBE_PORTS = (80, 443, 8099)
+CONNECT_TIMEOUT_SECONDS = 4
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    groups: frozenset[str]
+    host: Host
+
+
+@pytest.fixture(scope="session")
+def inventory_path(request: pytest.FixtureRequest) -> str:
+    path = request.config.option.ansible_inventory
+    if not path:
+        pytest.fail("run with --ansible-inventory (molecule and `make verify` pass it)")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def nodes(inventory_path: str) -> dict[str, Node]:
+    runner = AnsibleRunner(inventory_path)
+    result: dict[str, Node] = {}
+    for name in runner.get_hosts("all"):
+        variables = runner.get_variables(name)
+        result[name] = Node(
+            name=name,
+            address=variables["ansible_host"],
+            groups=frozenset(variables.get("group_names", [])),
+            host=testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory_path}"),
+        )
+    return result
+
+
+# Exit statuses of a TCP connect probe.
+CONNECTED, REFUSED, DROPPED = 0, 1, 124
+
+
+def tcp_connect_many(source: Host, targets: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """Connect from source to every (address, port) at once; a dropped port costs its whole timeout."""
+    probes = []
+    for address, port in targets:
+        probe = shlex.quote(f"exec 3<>/dev/tcp/{address}/{port}")
+        probes.append(
+            f"(timeout {CONNECT_TIMEOUT_SECONDS} bash -c {probe} 2>/dev/null; echo \"{address} {port} $?\") &"
+        )
+    output = source.check_output(" ".join(probes) + " wait")
+    results: dict[tuple[str, int], int] = {}
+    for line in output.splitlines():
+        address, port, status = line.split()
+        results[(address, int(port))] = int(status)
+    assert len(results) == len(targets), output
+    return results
+
+
+def tcp_connect(source: Host, address: str, port: int) -> int:
+    """Exit status of one TCP connect from source: CONNECTED, REFUSED or DROPPED (timed out)."""
+    return tcp_connect_many(source, [(address, port)])[(address, port)]
+
+
+def start_listener(host: Host, port: int) -> str | None:
+    """A transient unit accepting TCP on port, unless something already listens there."""
+    if host.socket(f"tcp://0.0.0.0:{port}").is_listening:
+        return None
+    unit = f"cf-probe-{port}"
+    host.run(f"systemctl stop {unit} 2>/dev/null; systemctl reset-failed {unit} 2>/dev/null")
+    host.run_test(f"systemd-run --unit={unit} python3 -m http.server {port} --bind 0.0.0.0")
+    return unit
+
+
+@pytest.fixture(scope="session")
+def listeners(nodes: dict[str, Node]) -> Iterator[None]:
+    """Every probe port is listening on every node for the whole session, so a failed connect is the firewall."""
+    started: list[tuple[Host, str]] = []
+    for node in nodes.values():
+        for port in PROBE_PORTS:
+            unit = start_listener(node.host, port)
+            if unit:
+                started.append((node.host, unit))
+    for node in nodes.values():
+        for port in PROBE_PORTS:
+            waited = node.host.run(f"for i in $(seq 50); do ss -Hltn 'sport = :{port}' | grep -q . && exit 0; sleep 0.2; done; exit 1")
+            assert waited.rc == 0, f"nothing listens on {node.name}:{port}"
+    yield
+    for host, unit in started:
+        host.run(f"systemctl stop {unit}")
+
+
+@pytest.fixture(scope="session")
+def reachability(nodes: dict[str, Node], listeners: None) -> dict[tuple[str, str, int], int]:
+    """Probe status of (source, target, port) for every ordered pair of nodes and every probe port."""
+    matrix: dict[tuple[str, str, int], int] = {}
+    for source in nodes.values():
+        targets = [(t.address, port) for t in nodes.values() if t is not source for port in (22, *PROBE_PORTS)]
+        statuses = tcp_connect_many(source.host, targets)
+        for target in nodes.values():
+            if target is not source:
+                for port in (22, *PROBE_PORTS):
+                    matrix[(source.name, target.name, port)] = statuses[(target.address, port)]
+    return matrix
