@@ -51,10 +51,10 @@ def log(message: str) -> None:
     print(f"[image] {message}", flush=True)
 
 
-def role_packages(roles_dir: Path) -> list[str]:
-    """Every package any role installs on Debian, from `__*_packages` in vars/Debian.yml."""
+def role_packages(roles_dir: Path, family: str = "Debian") -> list[str]:
+    """Every package any role installs on an OS family, from `__*_packages` in vars/<family>.yml."""
     packages: set[str] = set()
-    for vars_file in sorted(roles_dir.glob("*/vars/Debian.yml")):
+    for vars_file in sorted(roles_dir.glob(f"*/vars/{family}.yml")):
         data = yaml.safe_load(vars_file.read_text()) or {}
         for name, value in data.items():
             if PACKAGE_VAR_PATTERN.match(name):
@@ -96,12 +96,12 @@ def load_recipe(image_dir: Path, roles_dir: Path) -> Recipe:
     )
 
 
-def host_debian_mirror(suite: str) -> str:
+def host_debian_mirror(suite: str, apt_dir: Path = Path("/etc/apt")) -> str:
     """The mirror this machine's apt already uses for the suite, so no host is hard-coded here."""
     override = os.environ.get("CELLFLEET_DEBIAN_MIRROR")
     if override:
         return override
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    sources = apt_dir / "sources.list.d/debian.sources"
     if sources.exists():
         for stanza in sources.read_text().split("\n\n"):
             fields = dict(
@@ -109,7 +109,7 @@ def host_debian_mirror(suite: str) -> str:
             )
             if suite in fields.get("Suites", "").split():
                 return fields["URIs"].split()[0].strip()
-    legacy = Path("/etc/apt/sources.list")
+    legacy = apt_dir / "sources.list"
     if legacy.exists():
         for line in legacy.read_text().splitlines():
             parts = line.split()
@@ -194,9 +194,18 @@ def make_disk(recipe: Recipe, root: Path, out_dir: Path) -> None:
     run(["truncate", "-s", recipe.disk_size, str(raw)])
     run(
         [
-            "mkfs.ext4", "-q", "-F", "-L", "cellroot",
-            "-O", "quota", "-E", "quotatype=usrquota:grpquota",
-            "-d", str(root), str(raw),
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "cellroot",
+            "-O",
+            "quota",
+            "-E",
+            "quotatype=usrquota:grpquota",
+            "-d",
+            str(root),
+            str(raw),
         ]
     )
     run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out_dir / "disk.qcow2")])

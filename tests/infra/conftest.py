@@ -56,9 +56,7 @@ def tcp_connect_many(source: Host, targets: list[tuple[str, int]]) -> dict[tuple
     probes = []
     for address, port in targets:
         probe = shlex.quote(f"exec 3<>/dev/tcp/{address}/{port}")
-        probes.append(
-            f"(timeout {CONNECT_TIMEOUT_SECONDS} bash -c {probe} 2>/dev/null; echo \"{address} {port} $?\") &"
-        )
+        probes.append(f'(timeout {CONNECT_TIMEOUT_SECONDS} bash -c {probe} 2>/dev/null; echo "{address} {port} $?") &')
     output = source.check_output(" ".join(probes) + " wait")
     results: dict[tuple[str, int], int] = {}
     for line in output.splitlines():
@@ -94,7 +92,9 @@ def listeners(nodes: dict[str, Node]) -> Iterator[None]:
                 started.append((node.host, unit))
     for node in nodes.values():
         for port in PROBE_PORTS:
-            waited = node.host.run(f"for i in $(seq 50); do ss -Hltn 'sport = :{port}' | grep -q . && exit 0; sleep 0.2; done; exit 1")
+            waited = node.host.run(
+                f"for i in $(seq 50); do ss -Hltn 'sport = :{port}' | grep -q . && exit 0; sleep 0.2; done; exit 1"
+            )
             assert waited.rc == 0, f"nothing listens on {node.name}:{port}"
     yield
     for host, unit in started:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
-from conftest import CONNECTED, DROPPED, Node
 from testinfra.host import Host
+
+from conftest import CONNECTED, DROPPED, Node
 
 Reachability = dict[tuple[str, str, int], int]
 SSH_OPTIONS = (
@@ -118,13 +118,19 @@ def test_journal_persists_on_disk(host: Host) -> None:
     journal_dir = host.file(f"/var/log/journal/{machine_id}")
     assert journal_dir.is_directory
     host.run_test("logger -t cellfleet-test journal-probe && journalctl --flush")
-    assert host.run("journalctl --file '/var/log/journal/%s/*.journal' -t cellfleet-test | grep -q journal-probe",
-                    machine_id).rc == 0
+    assert (
+        host.run(
+            "journalctl --file '/var/log/journal/%s/*.journal' -t cellfleet-test | grep -q journal-probe", machine_id
+        ).rc
+        == 0
+    )
 
 
 def test_time_sync_service_runs(host: Host) -> None:
-    service = "chronyd" if host.system_info.distribution in ("rocky", "almalinux", "centos", "redhat") else (
-        "systemd-timesyncd"
+    service = (
+        "chronyd"
+        if host.system_info.distribution in ("rocky", "almalinux", "centos", "redhat")
+        else ("systemd-timesyncd")
     )
     assert host.service(service).is_running
     assert host.service(service).is_enabled

@@ -255,9 +255,7 @@ def test_bad_arguments_are_refused_before_libvirt_is_touched(
     assert fake.opened == 0 and fake.conn.domains == {} and pool.volumes == {}
 
 
-def test_missing_pool_is_a_clear_error(
-    fake: FakeLibvirt, base_image: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_pool_is_a_clear_error(fake: FakeLibvirt, base_image: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, result = run(present_args(base_image, pool="nope"), capsys)
     assert code == 1 and result["msg"] == "storage pool 'nope' does not exist"
 
@@ -312,9 +310,7 @@ def test_absent_destroys_undefines_and_deletes_the_overlay(
     assert code == 0 and result["changed"] is False
 
 
-def test_absent_refuses_a_domain_it_did_not_clone(
-    fake: FakeLibvirt, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_absent_refuses_a_domain_it_did_not_clone(fake: FakeLibvirt, capsys: pytest.CaptureFixture[str]) -> None:
     fake.conn.domains["web"] = FakeDomain("<domain><name>web</name></domain>")
     code, result = run({"name": "web", "state": "absent"}, capsys)
     assert code == 1 and "cellfleet did not clone it" in result["msg"]
