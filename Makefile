@@ -117,8 +117,8 @@ verify: venv ## testinfra suite against the running lab (after `make up`)
 test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests, molecule on real VMs
 
 .PHONY: bench
-bench: image lab-host ## Foundation benchmarks: image build, overlay, clone to SSH, converge, re-converge
-	@$(BIN)/python bench/foundation.py --inventory $(INVENTORY)
+bench: image lab-host ## Foundation benchmarks (image build cold+cached, overlay, clone to SSH, converges); BENCH_ARGS=--skip-cold
+	@$(BIN)/python bench/foundation.py $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove the venv (the image cache in /var/cache/cellfleet stays)

@@ -129,8 +129,11 @@ def write_inventory(directory: Path) -> Path:
 
 
 def ansible_env(mitogen: bool) -> dict[str, str]:
-    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT_ROOT / "ansible.cfg"), ANSIBLE_CALLBACKS_ENABLED="")
+    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT_ROOT / "ansible.cfg"))
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    # `make` exports the Mitogen strategy; a plain run must not inherit it.
+    for name in ("ANSIBLE_STRATEGY", "ANSIBLE_STRATEGY_PLUGINS"):
+        env.pop(name, None)
     if mitogen:
         env.update(ANSIBLE_STRATEGY_PLUGINS=str(MITOGEN_STRATEGY_DIR), ANSIBLE_STRATEGY="mitogen_linear")
     return env
@@ -154,7 +157,7 @@ def ssh_ready(address: str) -> bool:
 
 def bench_clone_to_ssh(report: Report, inventory: Path) -> None:
     started = time.monotonic()
-    playbook(inventory, "bench/playbooks/clone.yml", mitogen=False)
+    playbook(inventory, "playbooks/lab/vms.yml", False, "-e", "lab_wait_for_ssh=false")
     cloned = time.monotonic() - started
     waiting = {name: address for name, (address, _) in BENCH_VMS.items()}
     ready: dict[str, float] = {}
@@ -205,16 +208,15 @@ def main(argv: list[str]) -> int:
     conn = libvirt.open("qemu:///system")
     with tempfile.TemporaryDirectory(prefix="cellfleet-bench-") as scratch:
         inventory = write_inventory(Path(scratch))
-        playbook(inventory, "bench/playbooks/remove.yml", mitogen=False)
+        playbook(inventory, "playbooks/lab/remove-vms.yml", mitogen=False)
         busy = other_running_domains(conn)
         try:
-            playbook(inventory, "bench/playbooks/prepare.yml", mitogen=False)
-            bench_overlay(report, conn)
             bench_clone_to_ssh(report, inventory)
             bench_converge(report, inventory)
+            bench_overlay(report, conn)
         finally:
             if not args.keep:
-                playbook(inventory, "bench/playbooks/remove.yml", mitogen=False)
+                playbook(inventory, "playbooks/lab/remove-vms.yml", mitogen=False)
             shutil.rmtree(Path.home() / ".cache/cellfleet/facts", ignore_errors=True)
     context = f"2 host cores, QEMU TCG; other VMs running meanwhile: {', '.join(busy) or 'none'}"
     print("\n" + report.table() + f"\n\n{context}")
