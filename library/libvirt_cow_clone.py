@@ -137,7 +137,7 @@ import re
 import struct
 import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -449,7 +449,7 @@ def ensure_present(conn: Any, params: dict[str, Any], check_mode: bool) -> tuple
     except libvirt.libvirtError as error:
         volume.delete(0)  # leave nothing half-defined behind
         raise CloneError(f"defining domain {params['name']} failed: {error}") from None
-    return True, Identity(**{**asdict(identity), "overlay": volume.path()})
+    return True, replace(identity, overlay=volume.path())
 
 
 def ensure_absent(conn: Any, params: dict[str, Any], check_mode: bool) -> bool:
