@@ -66,11 +66,6 @@ def tcp_connect_many(source: Host, targets: list[tuple[str, int]]) -> dict[tuple
     return results
 
 
-def tcp_connect(source: Host, address: str, port: int) -> int:
-    """Exit status of one TCP connect from source: CONNECTED, REFUSED or DROPPED (timed out)."""
-    return tcp_connect_many(source, [(address, port)])[(address, port)]
-
-
 def start_listener(host: Host, port: int) -> str | None:
     """A transient unit accepting TCP on port, unless something already listens there."""
     if host.socket(f"tcp://0.0.0.0:{port}").is_listening:
