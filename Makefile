@@ -107,7 +107,7 @@ unit: venv ## pytest unit tests (modules, image builder, templates)
 
 .PHONY: molecule
 molecule: image lab-host ## Molecule scenario on real VMs: create, converge, idempotence, verify, destroy
-	@cd tests && molecule test --scenario-name base
+	@cd tests && molecule test --scenario-name default
 
 .PHONY: verify
 verify: venv ## testinfra suite against the running lab (after `make up`)

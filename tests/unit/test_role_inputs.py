@@ -1,0 +1,76 @@
+"""Bad role input is refused, with a message naming the problem, before any task that could change a host.
+
+Each case runs the role against this machine with `--tags validate`: only the argument_specs check (always
+tagged) and the role's read-only validation tasks run, so even a check that wrongly passed changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+
+
+def run_role(tmp_path: Path, role: str, variables: dict) -> subprocess.CompletedProcess[str]:
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(
+        f"- hosts: localhost\n  connection: local\n  gather_facts: true\n  gather_subset: [min]\n"
+        f"  roles:\n    - role: {role}\n"
+    )
+    env = {
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+        "ANSIBLE_LIBRARY": str(ROOT / "library"),
+        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+        "ANSIBLE_FORCE_COLOR": "false",
+        "ANSIBLE_STRATEGY": "linear",
+    }
+    env.pop("ANSIBLE_STRATEGY_PLUGINS", None)
+    command = [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", "--tags", "validate", str(playbook)]
+    command += ["-e", json.dumps({"ansible_python_interpreter": sys.executable, **variables})]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+BAD_INPUT = [
+    ("worker_pool", {"worker_pool_size": 0}, "pool size must be 1-99 (got 0)"),
+    ("worker_pool", {"worker_pool_size": "eight"}, "worker_pool_size"),
+    ("worker_pool", {"worker_pool_selinux_user": "staff_u"}, "worker_pool_selinux_user must be one of"),
+    ("worker_pool", {"worker_pool_selinux_user": "unconfined_u"}, "worker_pool_selinux_user must be one of"),
+    (
+        "worker_pool",
+        {"worker_pool_quota_block_soft_kib": 0, "worker_pool_quota_block_hard_kib": 8},
+        "is below the dotfiles' size",
+    ),
+    ("worker_pool", {"worker_pool_quota_inode_soft": 20, "worker_pool_quota_inode_hard": 10}, "at least the soft"),
+    ("worker_pool", {"worker_pool_first_uid": 0}, "uids and gid at least 1000"),
+    ("worker_pool", {"worker_pool_immutable_files": [".zshrc"]}, "has no template for it"),
+    ("worker_pool", {"worker_pool_egress_allowlist": [{"port": 80}]}, "address"),
+    ("tmp_cleanup", {"tmp_cleanup_max_age_hours": 0}, "the age must be at least 1 hour"),
+    ("tmp_cleanup", {"tmp_cleanup_directories": ["tmp"]}, "absolute paths other than /"),
+    ("tmp_cleanup", {"tmp_cleanup_extra_directories": ["/"]}, "absolute paths other than /"),
+    ("selinux", {"selinux_state": "disabled"}, "selinux_state must be one of: enforcing, permissive"),
+    ("base", {"base_ssh_port": 70000}, "SSH"),
+]
+
+
+@pytest.mark.parametrize(
+    ("role", "variables", "message"), BAD_INPUT, ids=[f"{r}-{next(iter(v))}" for r, v, _ in BAD_INPUT]
+)
+def test_bad_input_is_refused_with_a_clear_message(tmp_path: Path, role: str, variables: dict, message: str) -> None:
+    result = run_role(tmp_path, role, variables)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert message in result.stdout, result.stdout[-3000:]
+    assert "changed=0" in result.stdout
+
+
+@pytest.mark.parametrize("role", ["worker_pool", "tmp_cleanup", "selinux", "base"])
+def test_default_input_passes_validation(tmp_path: Path, role: str) -> None:
+    result = run_role(tmp_path, role, {})
+    assert result.returncode == 0, result.stdout[-3000:]
