@@ -109,6 +109,10 @@ unit: venv ## pytest unit tests (modules, image builder, templates)
 molecule: image lab-host ## Molecule scenario on real VMs: create, converge, idempotence, verify, destroy
 	@cd tests && molecule test --scenario-name default
 
+.PHONY: molecule-relabel
+molecule-relabel: image lab-host ## SELinux relabel path: damaged labels, permissive relabel boot, enforcing (~6 min)
+	@cd tests && molecule test --scenario-name selinux_relabel
+
 .PHONY: verify
 verify: venv ## testinfra suite against the running lab (after `make up`)
 	@pytest -q tests/infra --hosts='ansible://all' --ansible-inventory=$(INVENTORY) -p no:cacheprovider
@@ -119,6 +123,10 @@ test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests,
 .PHONY: bench
 bench: image lab-host ## Foundation benchmarks (image build cold+cached, overlay, clone to SSH, converges); BENCH_ARGS=--skip-cold
 	@$(BIN)/python bench/foundation.py $(BENCH_ARGS)
+
+.PHONY: bench-workers
+bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+python, reset); after `make up`
+	@$(BIN)/python bench/worker_pool.py $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove the venv (the image cache in /var/cache/cellfleet stays)
