@@ -183,7 +183,13 @@ def apply_limits(module: AnsibleModule, quota_type: str, filesystem: str, quota_
 def run(module: AnsibleModule) -> dict:
     params = module.params
     limits = requested_limits(params)
-    quota_id = resolve_id(params["name"], params["type"])
+    try:
+        quota_id = resolve_id(params["name"], params["type"])
+    except QuotaError:
+        # In a check run the account may be one that an earlier task would have created.
+        if module.check_mode:
+            return {"changed": True, "msg": f"{params['type']} {params['name']} does not exist yet"}
+        raise
     require_active_quota(module, params["type"], params["filesystem"])
     before = current_limits(module, params["type"], params["filesystem"], quota_id)
     changed = before != limits

@@ -131,3 +131,10 @@ def test_result_is_json_serialisable(monkeypatch: pytest.MonkeyPatch) -> None:
     tools = FakeQuotaTools({})
     result = run_module(monkeypatch, tools, name="20001", filesystem="/", **LIMITS)
     json.dumps(result.result)
+
+
+def test_check_mode_tolerates_an_account_an_earlier_task_would_create(monkeypatch: pytest.MonkeyPatch) -> None:
+    tools = FakeQuotaTools({})
+    result = run_module(monkeypatch, tools, name="no-such-user-cf", filesystem="/", _ansible_check_mode=True, **LIMITS)
+    assert not result.failed and result.result["changed"]
+    assert tools.setquota_calls == []

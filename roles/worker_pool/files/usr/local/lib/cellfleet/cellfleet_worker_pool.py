@@ -267,8 +267,9 @@ def remove_tree(path: Path) -> None:
             remove_tree(child)
         path.rmdir()
         return
-    # Only regular files carry the flag; opening a device or a FIFO to ask could have side effects.
-    if stat.S_ISREG(info.st_mode):
+    # Only regular files carry the flag; opening a device or a FIFO to ask could have side effects. A file
+    # with other names may be a hard link to something that must stay immutable: leave its flag alone.
+    if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
         set_immutable(path, False)
     path.unlink()
 
