@@ -54,8 +54,13 @@ $(STAMP_DIR)/collections: requirements.yml $(STAMP_DIR)/venv
 	@$(BIN)/python scripts/check_collections.py requirements.yml
 	@touch $@
 
+$(STAMP_DIR)/app: app/pyproject.toml $(STAMP_DIR)/venv
+	@echo "[setup] installing the cell server (app/) into $(VENV)"
+	@$(BIN)/pip install -q --no-deps -e app
+	@touch $@
+
 .PHONY: venv
-venv: $(STAMP_DIR)/collections ## Create .venv with pinned tools and check the pinned collections
+venv: $(STAMP_DIR)/collections $(STAMP_DIR)/app ## Create .venv with pinned tools, the app, and check the collections
 
 .PHONY: image
 image: venv ## Build the golden image unless the cached one matches its recipe
@@ -102,8 +107,9 @@ syntax: venv ## ansible-playbook --syntax-check of every playbook
 	done
 
 .PHONY: unit
-unit: venv ## pytest unit tests (modules, image builder, templates)
+unit: venv ## pytest unit tests (modules, image builder, templates, role inputs) and the app's tests
 	@pytest -q tests/unit
+	@pytest -q -p no:cacheprovider app/tests
 
 .PHONY: molecule
 molecule: image lab-host ## Molecule scenario on real VMs: create, converge, idempotence, verify, destroy
@@ -123,6 +129,10 @@ test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests,
 .PHONY: bench
 bench: image lab-host ## Foundation benchmarks (image build cold+cached, overlay, clone to SSH, converges); BENCH_ARGS=--skip-cold
 	@$(BIN)/python bench/foundation.py $(BENCH_ARGS)
+
+.PHONY: bench-permalinks
+bench-permalinks: venv ## Permalink service on this machine: durable writes/s, reads/s, p50/p99
+	@$(BIN)/python bench/permalinks.py
 
 .PHONY: bench-workers
 bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+python, reset); after `make up`

@@ -1,0 +1,5 @@
+"""`python -m cellserver` is the `cellserver` command."""
+
+from cellserver.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""HTTP side of permalinks, answering exactly as SageMathCell does, so upstream clients and URLs keep working.
+
+POST code[, language, interacts] -> {"query": id, "zip": ..., "interacts": ...}
+GET ?q=id[&callback=f]           -> [code, language, interacts], or f("<that JSON>"); as JSONP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import tornado.web
+
+from cellserver.permalinks import ID_ALPHABET, ID_LENGTH, Permalink, SQLiteStore, zip_text
+
+MAX_CODE_CHARS = 65_000
+MAX_INTERACTS_CHARS = 65_000
+# A JSONP callback is a dotted JavaScript name; anything else could inject script into the response.
+CALLBACK = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$")
+PERMALINK_ID = re.compile(rf"^[{ID_ALPHABET}]{{{ID_LENGTH}}}$")
+
+
+class JSONErrorMixin(tornado.web.RequestHandler):
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "application/json")
+        reason = kwargs.get("reason") or self._reason
+        self.finish(json.dumps({"error": reason, "status": status_code}))
+
+    def fail(self, status_code: int, reason: str) -> None:
+        self.send_error(status_code, reason=reason)
+
+
+class PermalinkHandler(JSONErrorMixin):
+    def initialize(self, store: SQLiteStore, executor: ThreadPoolExecutor) -> None:
+        self.store = store
+        self.executor = executor
+
+    def set_default_headers(self) -> None:
+        self.set_header("Access-Control-Allow-Origin", "*")
+
+    async def post(self) -> None:
+        code = self.get_body_argument("code", default=None, strip=False)
+        if code is None:
+            return self.fail(400, "the code field is required")
+        if len(code) > MAX_CODE_CHARS:
+            return self.fail(413, f"code longer than {MAX_CODE_CHARS} characters")
+        language = self.get_body_argument("language", default="sage")
+        interacts = self.get_body_argument("interacts", default="[]", strip=False)
+        if len(interacts) > MAX_INTERACTS_CHARS or len(language) > 64:
+            return self.fail(413, "interacts or language too long")
+        permalink = Permalink(code=code, language=language, interacts=interacts)
+        ident = await asyncio.get_running_loop().run_in_executor(self.executor, self.store.put, permalink)
+        answer = {"query": ident, "zip": zip_text(code), "interacts": zip_text(interacts)}
+        if "frame" in self.request.arguments:
+            # Embeds in an iframe get the answer as a message to the parent page, as upstream does.
+            self.set_header("Content-Type", "text/html")
+            self.finish(f'<script>parent.postMessage({json.dumps(json.dumps(answer))},"*");</script>')
+            return None
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(answer))
+        return None
+
+    async def get(self) -> None:
+        ident = self.get_query_argument("q", default="")
+        callback = self.get_query_argument("callback", default=None)
+        if not PERMALINK_ID.match(ident):
+            return self.fail(400, "q must be a permalink id")
+        if callback is not None and not CALLBACK.match(callback):
+            return self.fail(400, "callback must be a JavaScript name")
+        permalink = await asyncio.get_running_loop().run_in_executor(self.executor, self.store.get, ident)
+        if permalink is None:
+            return self.fail(404, f"no permalink {ident}")
+        body = json.dumps([permalink.code, permalink.language, permalink.interacts])
+        if callback is None:
+            self.set_header("Content-Type", "application/json")
+            self.finish(body)
+        else:
+            # Upstream hands the callback the JSON text as a string, not as an object; clients parse it.
+            self.set_header("Content-Type", "application/javascript")
+            self.finish(f"{callback}({json.dumps(body)});")
+        return None
+
+
+def make_app(store: SQLiteStore) -> tornado.web.Application:
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="permalink-store")
+    arguments = {"store": store, "executor": executor}
+    return tornado.web.Application([(r"/", PermalinkHandler, arguments), (r"/permalink", PermalinkHandler, arguments)])
