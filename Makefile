@@ -134,6 +134,10 @@ bench: image lab-host ## Foundation benchmarks (image build cold+cached, overlay
 bench-permalinks: venv ## Permalink service on this machine: durable writes/s, reads/s, p50/p99
 	@$(BIN)/python bench/permalinks.py
 
+.PHONY: bench-service
+bench-service: venv ## /service on this machine: print(1+1) at concurrency 1 and 8, fresh kernel each
+	@$(BIN)/python bench/service.py
+
 .PHONY: bench-workers
 bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+python, reset); after `make up`
 	@$(BIN)/python bench/worker_pool.py $(BENCH_ARGS)

@@ -11,46 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 import urllib.parse
 from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from http_load import cellserver, drive, percentile
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "permalinks.json"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-async def drive(make_request, concurrency: int, seconds: float) -> list[float]:  # noqa: ANN001 - a factory
-    client = AsyncHTTPClient(max_clients=concurrency)
-    latencies: list[float] = []
-    deadline = time.monotonic() + seconds
-
-    async def one_client() -> None:
-        while time.monotonic() < deadline:
-            started = time.monotonic()
-            response = await client.fetch(make_request(), raise_error=False)
-            if response.code != 200:
-                raise RuntimeError(f"HTTP {response.code}: {response.body[:200]!r}")
-            latencies.append(time.monotonic() - started)
-
-    await asyncio.gather(*(one_client() for _ in range(concurrency)))
-    return latencies
 
 
 async def measure(base: str, concurrency: int, seconds: float) -> dict[str, dict[str, float]]:
@@ -85,21 +55,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    port = free_port()
-    with tempfile.TemporaryDirectory() as scratch:
-        command = [sys.executable, "-m", "cellserver", "permalink", "--port", str(port)]
-        server = subprocess.Popen([*command, "--db", f"{scratch}/bench.sqlite3"], stdout=subprocess.DEVNULL)
-        try:
-            for _ in range(200):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            results = asyncio.run(measure(f"http://127.0.0.1:{port}", args.concurrency, args.seconds))
-        finally:
-            server.terminate()
-            server.wait()
+    with tempfile.TemporaryDirectory() as scratch, cellserver("permalink", "--db", f"{scratch}/bench.sqlite3") as url:
+        results = asyncio.run(measure(url, args.concurrency, args.seconds))
     targets = {"durable writes": (500, 50), "reads": (1500, 50)}
     print(f"permalink service, SQLite (WAL, synchronous=FULL), concurrency {args.concurrency}, {args.seconds} s each")
     print(f"{'phase':16} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8}   target")

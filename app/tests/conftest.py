@@ -29,24 +29,16 @@ class Service:
     port: int
     database: Path
     process: subprocess.Popen[bytes] | None = None
+    arguments: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "cellserver",
-            "permalink",
-            "--port",
-            str(self.port),
-            "--db",
-            str(self.database),
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
+        command = [sys.executable, "-m", "cellserver", *self.arguments, "--port", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
@@ -65,11 +57,13 @@ class Service:
             self.process.terminate()
             self.process.wait(timeout=10)
 
-    def request(self, method: str, path: str, fields: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    def request(
+        self, method: str, path: str, fields: dict[str, str] | None = None, timeout: float = 60
+    ) -> tuple[int, dict[str, str], str]:
         data = urllib.parse.urlencode(fields).encode() if fields is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, dict(response.headers), response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), error.read().decode()
@@ -77,7 +71,21 @@ class Service:
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
-    running = Service(port=free_port(), database=tmp_path / "permalinks.sqlite3")
+    database = tmp_path / "permalinks.sqlite3"
+    running = Service(port=free_port(), database=database, arguments=("permalink", "--db", str(database)))
+    running.start()
+    yield running
+    running.stop()
+
+
+def compute_server(tmp_path: Path, *options: str) -> Service:
+    return Service(port=free_port(), database=tmp_path / "unused", arguments=("serve", *options))
+
+
+@pytest.fixture
+def compute(tmp_path: Path) -> Iterator[Service]:
+    """A compute server with two kernel slots and a 5 s computation limit."""
+    running = compute_server(tmp_path, "--max-kernels", "2", "--preforked", "1", "--timeout", "5")
     running.start()
     yield running
     running.stop()

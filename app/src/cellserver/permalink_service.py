@@ -25,12 +25,15 @@ PERMALINK_ID = re.compile(rf"^[{ID_ALPHABET}]{{{ID_LENGTH}}}$")
 
 class JSONErrorMixin(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # send_error clears every header first: the ones an error needs come through kwargs.
         self.set_header("Content-Type", "application/json")
+        for name, value in kwargs.get("headers", {}).items():
+            self.set_header(name, value)
         reason = kwargs.get("reason") or self._reason
         self.finish(json.dumps({"error": reason, "status": status_code}))
 
-    def fail(self, status_code: int, reason: str) -> None:
-        self.send_error(status_code, reason=reason)
+    def fail(self, status_code: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        self.send_error(status_code, reason=reason, headers=headers or {})
 
 
 class PermalinkHandler(JSONErrorMixin):

@@ -1,0 +1,92 @@
+"""`POST /service`: run code once in a fresh kernel and answer as SageMathCell does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import tornado.web
+
+from cellserver.kernels import Kernel, KernelPool, KernelsBusyError
+from cellserver.permalink_service import MAX_CODE_CHARS, JSONErrorMixin
+
+log = logging.getLogger("cellserver.service")
+RETRY_AFTER_SECONDS = 5
+
+
+async def execute(kernel: Kernel, code: str, user_expressions: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run code; collect its stdout and stderr streams and the execute_reply."""
+    streams: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def collect(message: dict[str, Any]) -> None:
+        if message["msg_type"] == "stream":
+            streams.setdefault(message["content"]["name"], []).append(message["content"]["text"])
+
+    try:
+        reply = await kernel.client.execute_interactive(
+            code, user_expressions=user_expressions, allow_stdin=False, timeout=timeout, output_hook=collect
+        )
+        content = reply["content"]
+    except TimeoutError:
+        content = {"status": "error", "ename": "TimeoutError", "evalue": f"no answer within {timeout:g} s",
+                   "traceback": []}  # fmt: skip
+    answer: dict[str, Any] = {"success": content.get("status") == "ok", "stdout": "".join(streams["stdout"])}
+    stderr = "".join(streams["stderr"])
+    if stderr:
+        answer["stderr"] = stderr
+    answer["execute_reply"] = content
+    return answer
+
+
+class ServiceHandler(JSONErrorMixin):
+    def initialize(self, pool: KernelPool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    def set_default_headers(self) -> None:
+        self.set_header("Access-Control-Allow-Origin", "*")
+
+    def parse_request(self) -> tuple[str, dict[str, str]] | None:
+        code = self.get_body_argument("code", default=None, strip=False)
+        if code is None:
+            self.fail(400, "the code field is required")
+            return None
+        if len(code) > MAX_CODE_CHARS:
+            self.fail(413, f"code longer than {MAX_CODE_CHARS} characters")
+            return None
+        raw = self.get_body_argument("user_expressions", default="{}", strip=False)
+        try:
+            expressions = json.loads(raw)
+        except ValueError:
+            expressions = None
+        if not isinstance(expressions, dict) or not all(isinstance(v, str) for v in expressions.values()):
+            self.fail(400, "user_expressions must be a JSON object of strings")
+            return None
+        return code, expressions
+
+    async def post(self) -> None:
+        parsed = self.parse_request()
+        if parsed is None:
+            return
+        code, expressions = parsed
+        try:
+            kernel = await self.pool.acquire()
+        except KernelsBusyError:
+            self.fail(503, "every kernel is busy; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return
+        try:
+            answer = await execute(kernel, code, expressions, self.timeout)
+        finally:
+            self.pool.release(kernel)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(answer, default=str))
+
+
+def make_app(pool: KernelPool, timeout: float) -> tornado.web.Application:
+    return tornado.web.Application([(r"/service", ServiceHandler, {"pool": pool, "timeout": timeout})])
+
+
+async def wait_forever() -> None:
+    await asyncio.Event().wait()

@@ -1,0 +1,128 @@
+"""`POST /service` answers as SageMathCell does, with a fresh kernel for every computation."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from conftest import Service
+
+
+def run(compute: Service, code: str, **fields: str) -> tuple[int, dict[str, str], dict]:
+    status, headers, body = compute.request("POST", "/service", {"code": code, **fields})
+    return status, headers, json.loads(body)
+
+
+def test_a_computation_answers_with_upstream_fields(compute: Service) -> None:
+    status, headers, answer = run(compute, "print(1 + 1)")
+    assert status == 200, answer
+    assert answer["success"] is True
+    assert answer["stdout"] == "2\n"
+    assert "stderr" not in answer
+    assert answer["execute_reply"]["status"] == "ok"
+    assert headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_stderr_errors_and_user_expressions(compute: Service) -> None:
+    status, _headers, answer = run(
+        compute, "import sys; sys.stderr.write('warn\\n'); x = 6 * 7", user_expressions='{"x": "x"}'
+    )
+    assert status == 200 and answer["success"] is True and answer["stderr"] == "warn\n"
+    assert answer["execute_reply"]["user_expressions"]["x"]["data"]["text/plain"] == "42"
+    status, _headers, answer = run(compute, "1 / 0")
+    assert status == 200 and answer["success"] is False
+    assert answer["execute_reply"]["ename"] == "ZeroDivisionError"
+
+
+def test_every_computation_gets_a_fresh_kernel(compute: Service) -> None:
+    run(compute, "secret = 'left behind'")
+    _status, _headers, answer = run(compute, "print(secret)")
+    assert answer["success"] is False and answer["execute_reply"]["ename"] == "NameError"
+    pids = {run(compute, "import os; print(os.getpid())")[2]["stdout"] for _ in range(3)}
+    assert len(pids) == 3
+
+
+def test_bad_requests_are_refused_with_json_errors(compute: Service) -> None:
+    for fields, expected in [
+        ({"language": "python"}, 400),
+        ({"code": "x" * 65_001}, 413),
+        ({"code": "1", "user_expressions": "not json"}, 400),
+        ({"code": "1", "user_expressions": '{"a": 1}'}, 400),
+    ]:
+        status, _headers, body = compute.request("POST", "/service", fields)
+        assert status == expected, (fields, body)
+        assert json.loads(body)["status"] == expected
+
+
+def test_a_computation_past_the_wall_limit_is_stopped(compute: Service) -> None:
+    started = time.monotonic()
+    status, _headers, answer = run(compute, "import time; time.sleep(60)")
+    assert status == 200 and answer["success"] is False
+    assert answer["execute_reply"]["ename"] == "TimeoutError"
+    assert time.monotonic() - started < 20
+
+
+def test_when_every_kernel_is_busy_the_answer_is_503_with_retry_after(compute: Service) -> None:
+    # Two slots: hold both with sleeping computations, then a third request must be refused, not queued.
+    holders = [threading.Thread(target=run, args=(compute, "import time; time.sleep(4)")) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    time.sleep(1.5)
+    started = time.monotonic()
+    status, headers, body = compute.request("POST", "/service", {"code": "1"})
+    assert status == 503, body
+    assert headers["Retry-After"].isdigit()
+    assert time.monotonic() - started < 10
+    for holder in holders:
+        holder.join()
+    assert run(compute, "print('free again')")[2]["stdout"] == "free again\n"
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, pending = set(), [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.add(child)
+            pending.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_what_a_computation_starts_is_gone_after_its_answer(compute: Service) -> None:
+    code = "import subprocess; p = subprocess.Popen(['sleep', '300']); print(p.pid)"
+    _status, _headers, answer = run(compute, code)
+    background = int(answer["stdout"])
+    deadline = time.monotonic() + 5
+    while alive(background) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(background), "a process the computation started outlived its answer"
+
+
+def test_a_killed_server_leaves_no_kernel_behind(compute: Service) -> None:
+    assert compute.process is not None
+    run(compute, "1")  # the preforked reserve exists once a computation has been served
+    kernels = descendants(compute.process.pid)
+    assert len(kernels) >= 2, "expected the provider and at least one preforked kernel"
+    compute.kill_hard()
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in kernels) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in kernels if alive(pid)]

@@ -1,0 +1,62 @@
+"""Shared pieces of the HTTP benchmarks: start a `cellserver` command, drive it with concurrent clients."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@contextmanager
+def cellserver(*arguments: str, startup_seconds: float = 60) -> Iterator[str]:
+    """Run `cellserver ARGUMENTS --port P` until the block ends; yields its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "cellserver", *arguments, "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + startup_seconds
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def drive(make_request: Callable[[], HTTPRequest], concurrency: int, seconds: float) -> list[float]:
+    """Latencies of every request concurrency clients complete in seconds; any non-200 answer aborts."""
+    client = AsyncHTTPClient(max_clients=concurrency)
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def one_client() -> None:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            response = await client.fetch(make_request(), raise_error=False)
+            if response.code != 200:
+                raise RuntimeError(f"HTTP {response.code}: {response.body[:200]!r}")
+            latencies.append(time.monotonic() - started)
+
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    return latencies
