@@ -58,10 +58,15 @@ class Service:
             self.process.wait(timeout=10)
 
     def request(
-        self, method: str, path: str, fields: dict[str, str] | None = None, timeout: float = 60
+        self,
+        method: str,
+        path: str,
+        fields: dict[str, str] | None = None,
+        timeout: float = 60,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], str]:
         data = urllib.parse.urlencode(fields).encode() if fields is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, dict(response.headers), response.read().decode()

@@ -23,6 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--max-kernels", type=int, default=8, help="kernels alive at once (default 8)")
     serve.add_argument("--preforked", type=int, default=2, help="ready kernels kept in reserve (default 2)")
     serve.add_argument("--timeout", type=float, default=30.0, help="wall seconds per computation (default 30)")
+    serve.add_argument("--syslog-socket", default="/dev/log", help="where the computation log goes (local3)")
     permalink = commands.add_parser("permalink", help="run the permalink service")
     permalink.add_argument("--port", type=int, default=8889, help="TCP port (default 8889)")
     permalink.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
@@ -39,12 +40,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def run_serve(args: argparse.Namespace) -> None:
+    from cellserver import computation_log, systemd
     from cellserver.kernels import KernelPool, PoolSettings
     from cellserver.service import make_app
 
+    computation_log.setup(args.syslog_socket)
     pool = KernelPool(PoolSettings(max_kernels=args.max_kernels, preforked=args.preforked))
     await pool.start()
     make_app(pool, args.timeout).listen(args.port, address=args.bind)
+    systemd.notify("READY=1")
+    interval = systemd.watchdog_interval()
+    watchdog = asyncio.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
     # No worker pool is configured in this mode: say so, since kernels then run with this process's rights.
     print(
         f"cellserver serve: listening on {args.bind}:{args.port}; no worker pool configured, "
@@ -58,6 +64,8 @@ async def run_serve(args: argparse.Namespace) -> None:
     try:
         await stopping.wait()
     finally:
+        if watchdog:
+            watchdog.cancel()
         await pool.stop()
 
 

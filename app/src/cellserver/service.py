@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import tornado.web
 
+from cellserver import computation_log
 from cellserver.kernels import Kernel, KernelPool, KernelsBusyError
 from cellserver.permalink_service import MAX_CODE_CHARS, JSONErrorMixin
 
 log = logging.getLogger("cellserver.service")
 RETRY_AFTER_SECONDS = 5
+HEALTH_TIMEOUT_SECONDS = 10.0
 
 
 async def execute(kernel: Kernel, code: str, user_expressions: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -76,17 +78,45 @@ class ServiceHandler(JSONErrorMixin):
         except KernelsBusyError:
             self.fail(503, "every kernel is busy; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
+        started = time.monotonic()
         try:
             answer = await execute(kernel, code, expressions, self.timeout)
         finally:
             self.pool.release(kernel)
+            computation_log.record("service", self.request, kernel.kernel_id, time.monotonic() - started, code)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(answer, default=str))
 
 
+class HealthHandler(JSONErrorMixin):
+    """For the load balancer: healthy means a computation ran and printed the right answer just now."""
+
+    def initialize(self, pool: KernelPool) -> None:
+        self.pool = pool
+
+    async def get(self) -> None:
+        started = time.monotonic()
+        try:
+            kernel = await self.pool.acquire()
+        except KernelsBusyError:
+            self.fail(503, "no kernel available", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return
+        try:
+            answer = await execute(kernel, "print(6 * 7)", {}, HEALTH_TIMEOUT_SECONDS)
+        finally:
+            self.pool.release(kernel)
+        if answer["stdout"] != "42\n":
+            self.fail(503, f"the health computation answered {answer['stdout']!r}")
+            return
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps({"healthy": True, "seconds": round(time.monotonic() - started, 3)}))
+
+
 def make_app(pool: KernelPool, timeout: float) -> tornado.web.Application:
-    return tornado.web.Application([(r"/service", ServiceHandler, {"pool": pool, "timeout": timeout})])
-
-
-async def wait_forever() -> None:
-    await asyncio.Event().wait()
+    return tornado.web.Application(
+        [
+            (r"/service", ServiceHandler, {"pool": pool, "timeout": timeout}),
+            (r"/health", HealthHandler, {"pool": pool}),
+        ]
+    )

@@ -1,0 +1,73 @@
+"""What operators rely on: the health endpoint runs a real computation, every computation reaches syslog
+(local3) with its origin, and systemd hears READY=1 and watchdog pings."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Service, compute_server
+
+LOCAL3_INFO = 19 * 8 + 6  # syslog priority: facility local3 (19), severity info (6)
+
+
+@pytest.fixture
+def datagram_sink(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
+    path = tmp_path / "sink.sock"
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(path))
+    sink.settimeout(30)
+    yield sink, path
+    sink.close()
+
+
+def test_health_runs_a_computation(compute: Service) -> None:
+    status, headers, body = compute.request("GET", "/health")
+    assert status == 200, body
+    assert json.loads(body)["healthy"] is True
+    assert headers["Cache-Control"] == "no-store"
+
+
+def test_every_computation_is_logged_to_local3_with_its_origin(
+    tmp_path: Path, datagram_sink: tuple[socket.socket, Path]
+) -> None:
+    sink, path = datagram_sink
+    server = compute_server(tmp_path, "--max-kernels", "2", "--syslog-socket", str(path))
+    server.start()
+    try:
+        request_headers = {"X-Forwarded-For": "203.0.113.7, 10.0.0.1"}
+        status, _headers, _body = server.request(
+            "POST", "/service", {"code": "print('logged')"}, headers=request_headers
+        )
+        assert status == 200
+        message = sink.recv(65536).decode()
+    finally:
+        server.stop()
+    assert message.startswith(f"<{LOCAL3_INFO}>cellserver: ")
+    entry = json.loads(message.split("cellserver: ", 1)[1].rstrip("\0"))
+    assert entry["type"] == "service" and entry["origin"] == "203.0.113.7"
+    assert entry["code"] == "print('logged')" and entry["kernel"] and entry["seconds"] >= 0
+
+
+def test_systemd_hears_ready_and_watchdog_pings(tmp_path: Path, datagram_sink: tuple[socket.socket, Path]) -> None:
+    sink, path = datagram_sink
+    server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "0")
+    os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"] = str(path), "1000000"
+    try:
+        server.start()
+    finally:
+        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+    try:
+        received, deadline = [], time.monotonic() + 10
+        while received.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+            received.append(sink.recv(1024).decode())
+    finally:
+        server.stop()
+    assert received[0] == "READY=1"
+    assert received.count("WATCHDOG=1") >= 3
