@@ -30,13 +30,16 @@ KERNEL_ARGUMENTS = [
 ]
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies, so nothing outlives the server."""
-    parent = os.getppid()
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies, so nothing outlives the server.
+
+    parent is the pid the caller knew before it was started: if that parent is already gone (we were
+    re-parented before the request took effect), exit now instead of living on as an orphan.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if os.getppid() != parent:
         os._exit(1)
 
 
@@ -74,11 +77,12 @@ def fork_kernel(request: dict[str, Any]) -> int:
     connection_file = str(request["connection_file"])
     cpu_seconds = int(request.get("cpu_seconds", 0))
     memory_bytes = int(request.get("memory_bytes", 0))
+    provider = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
             os.setsid()
-            die_with_parent()
+            die_with_parent(provider)
             apply_limits(cpu_seconds, memory_bytes)
             run_kernel(connection_file)
         finally:
@@ -86,8 +90,8 @@ def fork_kernel(request: dict[str, Any]) -> int:
     return pid
 
 
-def serve(stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
-    die_with_parent()
+def serve(server_pid: int, stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
+    die_with_parent(server_pid)
     signal.signal(signal.SIGCHLD, reap_children)
     for line in stdin:
         try:
@@ -99,4 +103,5 @@ def serve(stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
 
 
 if __name__ == "__main__":
-    serve()
+    # The server passes its own pid, so a provider whose server died while it started exits at once.
+    serve(int(sys.argv[1]))

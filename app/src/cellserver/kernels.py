@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -21,6 +22,17 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.connect import write_connection_file
 
 log = logging.getLogger("cellserver.kernels")
+
+
+RUNTIME_PREFIX = "cellserver-kernels-"
+
+
+def remove_stale_runtime_dirs() -> None:
+    """Connection files and sockets left by a server that was killed (its pid is in the directory name)."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{RUNTIME_PREFIX}*"):
+        owner = directory.name[len(RUNTIME_PREFIX) :].split("-")[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists() and directory.owner() == getpass.getuser():
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 class KernelsBusyError(Exception):
@@ -54,13 +66,14 @@ class KernelPool:
         self._live = 0  # ready + in use + starting
         self._provider: asyncio.subprocess.Process | None = None
         self._provider_lock = asyncio.Lock()
-        self._runtime_dir = Path(tempfile.mkdtemp(prefix="cellserver-kernels-"))
+        remove_stale_runtime_dirs()
+        self._runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-"))
         self._refill_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
 
     async def start(self) -> None:
         self._provider = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cellserver.kernel_provider", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "cellserver.kernel_provider", str(os.getpid()), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         self._refill_task = asyncio.create_task(self._refill_forever())

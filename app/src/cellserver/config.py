@@ -1,0 +1,97 @@
+"""The compute server's settings: built-in defaults, then one TOML file, then command-line flags.
+Every value is checked at start; a bad one stops the start with one line that names it."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # EL9's Python 3.9
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message is the one line the operator sees."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = "127.0.0.1"
+    port: int = 8888
+    max_kernels: int = 8
+    preforked: int = 2
+    timeout: float = 30.0
+    idle_seconds: float = 900.0
+    cpu_seconds: int = 30
+    memory_mb: int = 2048
+    syslog_socket: str = "/dev/log"
+
+
+# name -> (lowest, highest) for the numbers; checked after the types.
+RANGES: dict[str, tuple[float, float]] = {
+    "port": (1, 65535),
+    "max_kernels": (1, 1000),
+    "preforked": (0, 1000),
+    "timeout": (0.1, 3600),
+    "idle_seconds": (1, 86400),
+    "cpu_seconds": (1, 86400),
+    "memory_mb": (64, 1 << 20),
+}
+
+
+def number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def check_value(name: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be {TYPE_NAMES[expected]}, got {value!r}")
+    if name in RANGES:
+        low, high = RANGES[name]
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be from {number(low)} to {number(high)}, got {value!r}")
+    return value
+
+
+def apply(config: ServerConfig, values: dict[str, Any], source: str) -> ServerConfig:
+    known = {field.name: field for field in fields(ServerConfig)}
+    checked = {}
+    for name, value in values.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{source}: unknown setting {name!r}{hint}")
+        expected = {"int": int, "float": float, "str": str}[str(known[name].type)]
+        try:
+            checked[name] = check_value(name, value, expected)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+    result = replace(config, **checked)
+    if result.preforked > result.max_kernels:
+        raise ConfigError(
+            f"{source}: preforked ({result.preforked}) must not exceed max_kernels ({result.max_kernels})"
+        )
+    return result
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
+    config = ServerConfig()
+    if path is not None:
+        try:
+            values = tomllib.loads(path.read_text())
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read it ({error.strerror})") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+        config = apply(config, values, str(path))
+    return apply(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
