@@ -28,7 +28,7 @@ PLAYBOOKS := $(filter-out playbooks/site.yml,$(wildcard playbooks/*.yml)) playbo
 
 .PHONY: help
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-18s %s\n", $$1, $$2}'
 
 # --- setup ------------------------------------------------------------------------------------------
 
