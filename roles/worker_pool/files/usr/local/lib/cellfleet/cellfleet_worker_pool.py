@@ -235,23 +235,32 @@ def remove_ipc_objects(worker: Worker, report: ResetReport, dry_run: bool) -> No
                     subprocess.run([IPCRM, flag, row[id_column]], check=False, capture_output=True)
 
 
+def open_for_flags(path: Path) -> int:
+    # Never through a symlink, never blocking on a FIFO: only the named inode's flags are wanted.
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
+def read_flags(fd: int) -> int:
+    return struct.unpack("l", fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("l", 0)))[0]
+
+
 def get_flags(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    fd = open_for_flags(path)
     try:
-        return struct.unpack("l", fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("l", 0)))[0]
+        return read_flags(fd)
     finally:
         os.close(fd)
 
 
 def set_immutable(path: Path, immutable: bool) -> None:
-    flags = get_flags(path)
-    wanted = flags | FS_IMMUTABLE_FL if immutable else flags & ~FS_IMMUTABLE_FL
-    if wanted != flags:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        try:
+    fd = open_for_flags(path)
+    try:
+        flags = read_flags(fd)
+        wanted = flags | FS_IMMUTABLE_FL if immutable else flags & ~FS_IMMUTABLE_FL
+        if wanted != flags:
             fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("l", wanted))
-        finally:
-            os.close(fd)
+    finally:
+        os.close(fd)
 
 
 def is_immutable(path: Path) -> bool:
@@ -319,6 +328,23 @@ def restorecon(path: Path) -> None:
     subprocess.run([RESTORECON, "-F", str(path)], check=False, capture_output=True)
 
 
+def note(restored: list[str], path: Path) -> None:
+    """Record a path the reset restored, once however many of its properties were off."""
+    if str(path) not in restored:
+        restored.append(str(path))
+
+
+def seal(source: Path, target: Path) -> None:
+    """Give target the skeleton's mode, root's ownership, its SELinux label, then the immutable flag.
+
+    The label comes before the flag: an immutable inode refuses new extended attributes.
+    """
+    os.chown(target, 0, 0)
+    os.chmod(target, stat.S_IMODE(source.stat().st_mode))
+    restorecon(target)
+    set_immutable(target, True)
+
+
 def file_matches(source: Path, target: Path) -> bool:
     try:
         info = target.lstat()
@@ -337,26 +363,23 @@ def file_matches(source: Path, target: Path) -> bool:
 def mirror_file(source: Path, target: Path, restored: list[str], dry_run: bool) -> None:
     if file_matches(source, target):
         return
-    restored.append(str(target))
+    note(restored, target)
     if dry_run:
         return
     if target.is_symlink() or target.exists():
         remove_tree(target)
     target.write_bytes(source.read_bytes())
-    os.chown(target, 0, 0)
-    os.chmod(target, stat.S_IMODE(source.stat().st_mode))
-    restorecon(target)
-    set_immutable(target, True)
+    seal(source, target)
 
 
 def mirror_dir(source: Path, target: Path, restored: list[str], dry_run: bool) -> None:
     """Make target an exact, root-owned, immutable copy of the skeleton directory source."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        restored.append(str(target))
+        note(restored, target)
         if not dry_run:
             remove_tree(target)
     if not target.exists():
-        restored.append(str(target))
+        note(restored, target)
         if dry_run:
             return
         target.mkdir()
@@ -370,7 +393,7 @@ def mirror_dir(source: Path, target: Path, restored: list[str], dry_run: bool) -
         or not is_immutable(target)
     )
     if extra or missing or node_differs:
-        restored.append(str(target))
+        note(restored, target)
         if dry_run:
             return
         set_immutable(target, False)
@@ -379,10 +402,7 @@ def mirror_dir(source: Path, target: Path, restored: list[str], dry_run: bool) -
     for child in sorted(source.iterdir()):
         mirror(child, target / child.name, restored, dry_run)
     if not dry_run and (extra or missing or node_differs):
-        os.chown(target, 0, 0)
-        os.chmod(target, stat.S_IMODE(source.stat().st_mode))
-        restorecon(target)
-        set_immutable(target, True)
+        seal(source, target)
 
 
 def mirror(source: Path, target: Path, restored: list[str], dry_run: bool) -> None:
@@ -395,14 +415,13 @@ def mirror(source: Path, target: Path, restored: list[str], dry_run: bool) -> No
 def restore_skeleton(config: PoolConfig, worker: Worker, report: ResetReport, dry_run: bool) -> None:
     home = worker.home
     if not home.is_dir():
-        report.restored.append(str(home))
+        note(report.restored, home)
         if dry_run:
             return
         home.mkdir(mode=0o700)
     info = home.lstat()
     if (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) != (worker.uid, worker.gid, 0o700):
-        if str(home) not in report.restored:
-            report.restored.append(str(home))
+        note(report.restored, home)
         if not dry_run:
             os.chown(home, worker.uid, worker.gid)
             os.chmod(home, 0o700)
