@@ -89,12 +89,8 @@ class KernelPool:
             await self._provider.wait()
         shutil.rmtree(self._runtime_dir, ignore_errors=True)
 
-    @property
-    def ready_count(self) -> int:
-        return self._ready.qsize()
-
     async def acquire(self) -> Kernel:
-        """A ready kernel, started now if there is room, or KernelsBusy after a short wait."""
+        """A ready kernel, started now if there is room, or KernelsBusyError after a short wait."""
         deadline = time.monotonic() + self.settings.acquire_wait
         while True:
             with contextlib.suppress(asyncio.QueueEmpty):
@@ -112,7 +108,7 @@ class KernelPool:
                 raise KernelsBusyError()
             try:
                 kernel = await asyncio.wait_for(self._ready.get(), timeout=remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11 (EL9)
                 raise KernelsBusyError() from None
             self._wakeup.set()
             return kernel
@@ -123,13 +119,17 @@ class KernelPool:
         self._wakeup.set()
 
     def _kill(self, kernel: Kernel) -> None:
+        self._tear_down(kernel)
+        self._live -= 1
+
+    def _tear_down(self, kernel: Kernel) -> None:
+        """Kill the kernel's process group and remove its connection file and sockets."""
         kernel.client.stop_channels()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(kernel.pid, signal.SIGKILL)
         kernel.connection_file.unlink(missing_ok=True)
         for socket_file in self._runtime_dir.glob(f"k-{kernel.kernel_id}-*"):
             socket_file.unlink(missing_ok=True)
-        self._live -= 1
 
     async def _launch(self) -> Kernel:
         self._live += 1
@@ -153,15 +153,14 @@ class KernelPool:
         client = AsyncKernelClient()
         client.load_connection_file(str(connection_file))
         client.start_channels()
+        kernel = Kernel(kernel_id=kernel_id, pid=pid, connection_file=connection_file, client=client)
         try:
             await client.wait_for_ready(timeout=self.settings.start_timeout)
         except BaseException:
-            client.stop_channels()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            connection_file.unlink(missing_ok=True)
+            self._tear_down(kernel)  # _launch gives the slot back
             raise
-        return Kernel(kernel_id=kernel_id, pid=pid, connection_file=connection_file, client=client)
+        kernel.ready_since = time.monotonic()
+        return kernel
 
     async def _ask_provider(self, request: dict[str, Any]) -> int:
         assert self._provider and self._provider.stdin and self._provider.stdout
