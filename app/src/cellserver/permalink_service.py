@@ -10,46 +10,27 @@ import asyncio
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import tornado.web
 
+from cellserver.handlers import PublicAPIHandler
 from cellserver.permalinks import ID_ALPHABET, ID_LENGTH, Permalink, SQLiteStore, zip_text
 
-MAX_CODE_CHARS = 65_000
 MAX_INTERACTS_CHARS = 65_000
 # A JSONP callback is a dotted JavaScript name; anything else could inject script into the response.
 CALLBACK = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$")
 PERMALINK_ID = re.compile(rf"^[{ID_ALPHABET}]{{{ID_LENGTH}}}$")
 
 
-class JSONErrorMixin(tornado.web.RequestHandler):
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        # send_error clears every header first: the ones an error needs come through kwargs.
-        self.set_header("Content-Type", "application/json")
-        for name, value in kwargs.get("headers", {}).items():
-            self.set_header(name, value)
-        reason = kwargs.get("reason") or self._reason
-        self.finish(json.dumps({"error": reason, "status": status_code}))
-
-    def fail(self, status_code: int, reason: str, headers: dict[str, str] | None = None) -> None:
-        self.send_error(status_code, reason=reason, headers=headers or {})
-
-
-class PermalinkHandler(JSONErrorMixin):
+class PermalinkHandler(PublicAPIHandler):
     def initialize(self, store: SQLiteStore, executor: ThreadPoolExecutor) -> None:
         self.store = store
         self.executor = executor
 
-    def set_default_headers(self) -> None:
-        self.set_header("Access-Control-Allow-Origin", "*")
-
     async def post(self) -> None:
-        code = self.get_body_argument("code", default=None, strip=False)
+        code = self.code_argument()
         if code is None:
-            return self.fail(400, "the code field is required")
-        if len(code) > MAX_CODE_CHARS:
-            return self.fail(413, f"code longer than {MAX_CODE_CHARS} characters")
+            return None
         language = self.get_body_argument("language", default="sage")
         interacts = self.get_body_argument("interacts", default="[]", strip=False)
         if len(interacts) > MAX_INTERACTS_CHARS or len(language) > 64:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any
 
 import tornado.web
 
 from cellserver import computation_log
+from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
 from cellserver.kernels import Kernel, KernelPool, KernelsBusyError
-from cellserver.permalink_service import MAX_CODE_CHARS, JSONErrorMixin
 
-log = logging.getLogger("cellserver.service")
 RETRY_AFTER_SECONDS = 5
 HEALTH_TIMEOUT_SECONDS = 10.0
 
@@ -42,21 +40,14 @@ async def execute(kernel: Kernel, code: str, user_expressions: dict[str, str], t
     return answer
 
 
-class ServiceHandler(JSONErrorMixin):
+class ServiceHandler(PublicAPIHandler):
     def initialize(self, pool: KernelPool, timeout: float) -> None:
         self.pool = pool
         self.timeout = timeout
 
-    def set_default_headers(self) -> None:
-        self.set_header("Access-Control-Allow-Origin", "*")
-
     def parse_request(self) -> tuple[str, dict[str, str]] | None:
-        code = self.get_body_argument("code", default=None, strip=False)
+        code = self.code_argument()
         if code is None:
-            self.fail(400, "the code field is required")
-            return None
-        if len(code) > MAX_CODE_CHARS:
-            self.fail(413, f"code longer than {MAX_CODE_CHARS} characters")
             return None
         raw = self.get_body_argument("user_expressions", default="{}", strip=False)
         try:
@@ -88,7 +79,7 @@ class ServiceHandler(JSONErrorMixin):
         self.finish(json.dumps(answer, default=str))
 
 
-class HealthHandler(JSONErrorMixin):
+class HealthHandler(JSONErrorHandler):
     """For the load balancer: healthy means a computation ran and printed the right answer just now."""
 
     def initialize(self, pool: KernelPool) -> None:
