@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import testinfra
@@ -22,6 +23,8 @@ class Node:
     address: str
     groups: frozenset[str]
     host: Host
+    # The host's inventory variables as testinfra reads them (untemplated).
+    variables: dict[str, Any] = field(compare=False, hash=False)
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +46,7 @@ def nodes(inventory_path: str) -> dict[str, Node]:
             address=variables["ansible_host"],
             groups=frozenset(variables.get("group_names", [])),
             host=testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory_path}"),
+            variables=variables,
         )
     return result
 

@@ -194,7 +194,7 @@ def tampering(pool: Pool) -> dict[str, object]:
     result = run_as_worker(pool, worker, script)
     assert result.rc == 0, result.stderr
     after = pool.host.check_output(describe)
-    pool.host.run(as_launcher(f"sudo -n {RESET} {worker}"))
+    reset(pool, worker)
     return {"results": json.loads(result.stdout), "before": before, "after": after}
 
 
@@ -244,13 +244,13 @@ def test_outbound_connections_from_a_worker_fail_and_from_others_succeed(nodes: 
 # --- resources ------------------------------------------------------------------------------------
 
 
-def fresh_ssh_seconds(node: Node, inventory_vars: dict) -> float:
+def fresh_ssh_seconds(node: Node) -> float:
     """Time a brand-new SSH login from the controller (no shared master connection)."""
     command = [
         "ssh",
         "-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30",
-        "-i", inventory_vars["ansible_ssh_private_key_file"],
-        *shlex.split(inventory_vars["ansible_ssh_common_args"]),
+        "-i", node.variables["ansible_ssh_private_key_file"],
+        *shlex.split(node.variables["ansible_ssh_common_args"]),
         f"root@{node.address}", "true",
     ]  # fmt: skip
     started = time.monotonic()
@@ -258,16 +258,9 @@ def fresh_ssh_seconds(node: Node, inventory_vars: dict) -> float:
     return time.monotonic() - started
 
 
-@pytest.fixture(scope="module")
-def inventory_vars(inventory_path: str, pool: Pool) -> dict:
-    from testinfra.utils.ansible_runner import AnsibleRunner
-
-    return AnsibleRunner(inventory_path).get_variables(pool.node.name)
-
-
-def test_fork_bomb_and_memory_hog_are_contained(pool: Pool, inventory_vars: dict, clean_workers: None) -> None:
+def test_fork_bomb_and_memory_hog_are_contained(pool: Pool, clean_workers: None) -> None:
     bomber, hog, bystander = pool.workers[4], pool.workers[5], pool.workers[6]
-    baseline = fresh_ssh_seconds(pool.node, inventory_vars)
+    baseline = fresh_ssh_seconds(pool.node)
     pool.host.run(
         "systemd-run --unit=cf-test-bomb --collect "
         + as_worker(bomber, "b() { b | b & }; b; sleep 60")
@@ -279,7 +272,7 @@ def test_fork_bomb_and_memory_hog_are_contained(pool: Pool, inventory_vars: dict
         tasks = int(pool.host.check_output(f"systemctl show -P TasksCurrent cellworkers-{bomber}.slice"))
         limit = int(pool.host.check_output(f"systemctl show -P TasksMax cellworkers-{bomber}.slice"))
         assert 0 < tasks <= limit
-        under_load = fresh_ssh_seconds(pool.node, inventory_vars)
+        under_load = fresh_ssh_seconds(pool.node)
         assert under_load < 5, f"SSH took {under_load:.1f} s under the fork bomb (idle: {baseline:.1f} s)"
         result = run_as_worker(pool, bystander, "python3 -c 'print(sum(range(10**6)))'")
         assert result.stdout.strip() == str(sum(range(10**6))), result.stderr
