@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import Service
+import pytest
+
+from conftest import Service, compute_server
 
 
 def run(compute: Service, code: str, **fields: str) -> tuple[int, dict[str, str], dict]:
@@ -126,3 +130,58 @@ def test_a_killed_server_leaves_no_kernel_behind(compute: Service) -> None:
     while any(alive(pid) for pid in kernels) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in kernels if alive(pid)]
+
+
+def test_a_kernel_that_exits_mid_computation_answers_at_once(compute: Service) -> None:
+    started = time.monotonic()
+    status, _headers, answer = run(compute, "import os; os._exit(3)")
+    assert status == 200 and answer["success"] is False
+    assert answer["execute_reply"]["ename"] == "KernelDied"
+    assert time.monotonic() - started < 4, "the server waited for the wall limit instead of seeing the exit"
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[Service]:
+    """A compute server whose kernels get 2 CPU seconds and 1 GiB of address space, with a 20 s wall limit."""
+    config = tmp_path / "cellserver.toml"
+    config.write_text("cpu_seconds = 2\nmemory_mb = 1024\ntimeout = 20\nmax_kernels = 2\npreforked = 1\n")
+    running = compute_server(tmp_path, "--config", str(config))
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_the_cpu_limit_stops_a_busy_loop_before_the_wall_limit(limited: Service) -> None:
+    started = time.monotonic()
+    status, _headers, answer = run(limited, "while True: pass")
+    assert status == 200 and answer["success"] is False
+    assert answer["execute_reply"]["ename"] == "KernelDied"
+    assert time.monotonic() - started < 15
+
+
+def test_the_memory_limit_refuses_an_allocation_past_it(limited: Service) -> None:
+    status, _headers, answer = run(limited, "x = bytearray(2 << 30)")
+    assert status == 200 and answer["success"] is False
+    assert answer["execute_reply"]["ename"] == "MemoryError"
+    assert run(limited, "x = bytearray(64 << 20); print(len(x))")[2]["stdout"] == f"{64 << 20}\n"
+
+
+def test_a_reserve_kernel_killed_while_waiting_is_replaced(compute: Service) -> None:
+    assert compute.process is not None
+    run(compute, "1")
+    provider = min(descendants(compute.process.pid))  # the provider starts first, before any kernel
+    reserve = descendants(provider)
+    assert reserve, "expected a preforked kernel"
+    for pid in reserve:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)  # the provider reaps it and tells the server; a request in between would be the race
+    started = time.monotonic()
+    assert run(compute, "print('replaced')")[2]["stdout"] == "replaced\n"
+    assert time.monotonic() - started < 10
+
+
+def test_the_server_exits_when_its_kernel_provider_dies(compute: Service) -> None:
+    assert compute.process is not None
+    provider = min(descendants(compute.process.pid))
+    os.kill(provider, signal.SIGKILL)
+    assert compute.process.wait(timeout=10) != 0

@@ -27,6 +27,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--preforked", type=int, help="ready kernels kept in reserve (default 2)")
     serve.add_argument("--timeout", type=float, help="wall seconds per computation (default 30)")
     serve.add_argument("--syslog-socket", help="where the computation log goes, facility local3 (default /dev/log)")
+    serve.add_argument("--check", action="store_true", help="check the settings, print them, start nothing")
+    serve.add_argument("--provider-socket", help="socket of the root kernel provider that runs pooled workers")
+    provider = commands.add_parser("kernel-provider", help="run the kernel provider (as root: for pooled workers)")
+    provider.add_argument("--socket", type=Path, help="listen here for the cell server (root service mode)")
+    provider.add_argument("--worker-pool", type=Path, help="pool description written by the worker_pool role")
+    provider.add_argument("--server-group", default="cellserver", help="group allowed to use the socket")
+    provider.add_argument("--runtime-dir", type=Path, required=True, help="directory for kernel sockets")
+    provider.add_argument("--reset-command", default="/usr/local/sbin/cellfleet-worker-reset",
+                          help="run with a worker's name after each kernel")  # fmt: skip
+    provider.add_argument("--max-processes", type=int, default=128, help="processes per worker (RLIMIT_NPROC)")
+    provider.add_argument("--parent-pid", type=int, help="spawned mode: exit with this process")
     permalink = commands.add_parser("permalink", help="run the permalink service")
     permalink.add_argument("--port", type=int, default=8889, help="TCP port (default 8889)")
     permalink.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
@@ -34,6 +45,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "permalink" and not 1 <= args.port <= 65535:
         parser.error(f"--port must be 1-65535, got {args.port}")
+    if args.command == "kernel-provider" and (args.socket is None) == (args.parent_pid is None):
+        parser.error("give either --socket (service mode) or --parent-pid (spawned by cellserver serve)")
+    if args.command == "kernel-provider" and (args.socket is None) != (args.worker_pool is None):
+        parser.error("--socket and --worker-pool go together: the service mode runs pooled workers")
     return args
 
 
@@ -45,6 +60,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         "preforked": args.preforked,
         "timeout": args.timeout,
         "syslog_socket": args.syslog_socket,
+        "provider_socket": args.provider_socket,
     }
     return config_module.load(args.config, overrides)
 
@@ -66,6 +82,7 @@ async def run_serve(config: ServerConfig) -> None:
         cpu_seconds=config.cpu_seconds,
         memory_bytes=config.memory_mb << 20,
         idle_seconds=config.idle_seconds,
+        provider_socket=config.provider_socket,
     )
     pool = KernelPool(settings)
     await pool.start()
@@ -73,18 +90,23 @@ async def run_serve(config: ServerConfig) -> None:
     systemd.notify("READY=1")
     interval = systemd.watchdog_interval()
     watchdog = asyncio.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
-    # No worker pool is configured in this mode: say so, since kernels then run with this process's rights.
-    print(
-        f"cellserver serve: listening on {config.bind}:{config.port}; no worker pool configured, "
-        f"kernels run as the current user (uid {os.getuid()})",
-        flush=True,
-    )
+    if pool.pooled:
+        where = f"kernels run as {pool.provider.workers} pooled workers ({config.provider_socket})"
+    else:
+        # Say so: kernels then run with this process's own rights.
+        where = f"no worker pool configured, kernels run as the current user (uid {os.getuid()})"
+    print(f"cellserver serve: listening on {config.bind}:{config.port}; {where}", flush=True)
+    lost = asyncio.create_task(pool.provider.lost.wait())
+    stop = asyncio.create_task(stopping.wait())
     try:
-        await stopping.wait()
+        await asyncio.wait({lost, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if watchdog:
             watchdog.cancel()
         await pool.stop()
+    if not stopping.is_set():
+        # No kernel can start without a provider: exit, so systemd restarts the server and it reconnects.
+        sys.exit("cellserver serve: the kernel provider went away")
 
 
 async def run_permalink(args: argparse.Namespace) -> None:
@@ -97,8 +119,34 @@ async def run_permalink(args: argparse.Namespace) -> None:
     await asyncio.Event().wait()
 
 
+def run_kernel_provider(args: argparse.Namespace) -> None:
+    import logging
+
+    from cellserver import kernel_provider
+    from cellserver.worker_identity import WorkerPoolError, load_worker_pool
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.parent_pid is not None:
+        kernel_provider.serve_parent(kernel_provider.ProviderSettings(runtime_dir=args.runtime_dir), args.parent_pid)
+        return
+    if os.geteuid() != 0:
+        sys.exit("cellserver kernel-provider: the service mode changes uids and must run as root")
+    try:
+        pool = load_worker_pool(args.worker_pool)
+    except WorkerPoolError as error:
+        sys.exit(f"cellserver kernel-provider: {error}")
+    settings = kernel_provider.ProviderSettings(
+        runtime_dir=args.runtime_dir, pool=pool, server_gid=kernel_provider.group_id(args.server_group),
+        reset_command=(args.reset_command,), max_processes=args.max_processes,
+    )  # fmt: skip
+    kernel_provider.serve_pool(settings, args.socket)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "kernel-provider":
+        run_kernel_provider(args)
+        return
     if args.command == "serve":
         try:
             config = serve_config(args)
@@ -106,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
             # One line, no traceback: the operator fixes the value and starts again.
             print(f"cellserver: {error}", file=sys.stderr)
             sys.exit(2)
+        if args.check:
+            print(f"cellserver: settings are valid: {config}")
+            return
     # Ctrl-C is how a developer stops it: no traceback for that.
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_serve(config) if args.command == "serve" else run_permalink(args))

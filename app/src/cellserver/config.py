@@ -30,6 +30,8 @@ class ServerConfig:
     cpu_seconds: int = 30
     memory_mb: int = 2048
     syslog_socket: str = "/dev/log"
+    # The root kernel provider's socket (pooled workers); empty: kernels run as the current user.
+    provider_socket: str = ""
 
 
 # name -> (lowest, highest) for the numbers; checked after the types.

@@ -1,25 +1,48 @@
-"""The kernel provider: a process that imports the kernel's heavy modules once, then forks one kernel per request.
+"""The kernel provider: imports the kernel's heavy modules once, then forks one kernel per request.
 
-The cell server starts it and talks to it over its stdin/stdout, one JSON object per line:
-    {"connection_file": PATH, "cpu_seconds": N, "memory_bytes": N}  ->  {"pid": PID} or {"error": TEXT}
-Each kernel is forked from this already-initialised interpreter (no import cost per kernel), becomes the
-leader of its own process group (so the server can kill it and everything it started at once), gets its
-resource limits, and serves exactly one connection file.
+Two ways to run it:
+- spawned by `cellserver serve` (a laptop, the tests): it talks over its stdin/stdout and kernels run as
+  the current user;
+- as root, its own systemd service (`cellserver kernel-provider --socket ... --worker-pool ...`): each
+  kernel becomes an unused pooled worker (worker_identity.become_worker) before it runs anything, and
+  after its release the worker is reset (killed, cleaned) before it serves again.
+
+Protocol, one JSON object per line, each request carrying an "id" its answer repeats:
+    {"op": "hello"}                    -> {"workers": N or null, "runtime_dir": DIR}
+    {"op": "start", "cpu_seconds": N, "memory_bytes": N}
+                                       -> {"kernel_id", "pid", "worker", "connection": {...}}
+                                          or {"error": TEXT, "busy": true when every worker is taken}
+    {"op": "release", "kernel_id": ID} -> {"released": ID}, sent once the worker is reset
+and, unasked, {"died": ID, "status": N} when a kernel exits before its release.
+A client that goes away has all its kernels released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import grp
 import importlib
 import json
+import logging
 import os
 import resource
+import secrets
+import selectors
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Imported once here, inherited by every fork: this is the point of the provider.
 from ipykernel.kernelapp import IPKernelApp
+
+from cellserver.worker_identity import Worker, WorkerPool, become_worker
 
 # Modules a kernel would otherwise import while it initialises, after the fork, every time (measured:
 # the debugger alone took 80 of the 120 ms a forked kernel spent starting).
@@ -31,7 +54,10 @@ WARM_MODULES = (
 for _module in WARM_MODULES:
     importlib.import_module(_module)
 
+log = logging.getLogger("cellserver.kernel_provider")
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 KERNEL_ARGUMENTS = [
     # No history database in the worker's home, no banner, no extensions: a one-shot computation.
@@ -39,6 +65,45 @@ KERNEL_ARGUMENTS = [
     "--IPKernelApp.quiet=True",
     "--InteractiveShellApp.extensions=[]",
 ]
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    runtime_dir: Path
+    pool: WorkerPool | None = None
+    server_gid: int = -1  # the group whose members (the cell server) may connect to pooled kernels
+    reset_command: tuple[str, ...] = ("/usr/local/sbin/cellfleet-worker-reset",)
+    max_processes: int = 0  # RLIMIT_NPROC for pooled kernels (per uid, so per worker): 0 leaves it alone
+    open_files: int = 1024
+
+
+@dataclass
+class KernelRecord:
+    kernel_id: str
+    pid: int
+    directory: Path
+    client: Client
+    worker: Worker | None
+    release_id: Any = None  # the request to answer once the worker is clean
+
+
+@dataclass
+class Client:
+    reader: int
+    writer: int
+    buffer: bytes = b""
+    kernels: set[str] = field(default_factory=set)
+    closed: bool = False
+
+    def send(self, answer: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        data = (json.dumps(answer) + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(self.writer, data) :]
+        except OSError:
+            self.closed = True
 
 
 def die_with_parent(parent: int) -> None:
@@ -54,65 +119,303 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def reap_children(_signum: int, _frame: Any) -> None:
-    """Collect exited kernels so none lingers as a zombie."""
-    while True:
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def apply_limits(cpu_seconds: int, memory_bytes: int) -> None:
+def apply_limits(cpu_seconds: int, memory_bytes: int, max_processes: int, open_files: int) -> None:
     if cpu_seconds > 0:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    if max_processes > 0:
+        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
+    if open_files > 0:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_kernel(connection_file: str) -> None:
-    """In the forked child: detach from the provider's pipes and serve the kernel until it is killed."""
+def connection_info(directory: Path) -> dict[str, Any]:
+    """Unix sockets in the kernel's own directory: no port races, and no loopback traffic to allow."""
+    info: dict[str, Any] = {f"{channel}_port": number for number, channel in enumerate(CHANNELS, start=1)}
+    info.update(transport="ipc", ip=str(directory / "k"), key=secrets.token_hex(32),
+                signature_scheme="hmac-sha256", kernel_name="python3")  # fmt: skip
+    return info
+
+
+def run_kernel(
+    settings: ProviderSettings, provider: int, worker: Worker | None, info: dict[str, Any], limits: dict[str, int]
+) -> None:
+    """In the forked child: shed the provider's files, become the worker, serve the kernel until killed."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+    # The provider's listening socket and client pipes must never reach user code.
+    os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    apply_limits(limits["cpu_seconds"], limits["memory_bytes"], settings.max_processes if worker else 0,
+                 settings.open_files if worker else 0)  # fmt: skip
+    if worker is not None and settings.pool is not None:
+        become_worker(worker, settings.pool)
+        os.umask(0o007)  # the sockets the kernel binds next must admit the server's group
+    die_with_parent(provider)  # after the change of uid, which clears the parent-death signal
+    connection_file = Path(info["ip"]).with_suffix(".json")
+    fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        json.dump(info, stream)
     app = IPKernelApp.instance()
-    app.initialize(["-f", connection_file, *KERNEL_ARGUMENTS])
+    app.initialize(["-f", str(connection_file), *KERNEL_ARGUMENTS])
+    os.umask(0o077)
     app.start()
 
 
-def fork_kernel(request: dict[str, Any]) -> int:
-    connection_file = str(request["connection_file"])
-    cpu_seconds = int(request.get("cpu_seconds", 0))
-    memory_bytes = int(request.get("memory_bytes", 0))
-    provider = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setsid()
-            die_with_parent(provider)
-            apply_limits(cpu_seconds, memory_bytes)
-            run_kernel(connection_file)
-        finally:
-            os._exit(0)
-    return pid
+class Provider:
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.settings = settings
+        self.kernels: dict[str, KernelRecord] = {}
+        self.free_workers: list[Worker] = list(settings.pool.workers) if settings.pool else []
+        self.resets: dict[int, KernelRecord] = {}  # reset process pid -> the kernel whose worker it cleans
+        self.reset_processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.selector = selectors.DefaultSelector()
+        self.wakeup_reader, wakeup_writer = os.pipe()
+        os.set_blocking(self.wakeup_reader, False)
+        os.set_blocking(wakeup_writer, False)
+        signal.set_wakeup_fd(wakeup_writer)
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+        self.selector.register(self.wakeup_reader, selectors.EVENT_READ, "wakeup")
 
+    # --- clients -------------------------------------------------------------------------------------
 
-def serve(server_pid: int, stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
-    die_with_parent(server_pid)
-    signal.signal(signal.SIGCHLD, reap_children)
-    for line in stdin:
+    def add_client(self, reader: int, writer: int) -> None:
+        os.set_blocking(reader, False)
+        self.selector.register(reader, selectors.EVENT_READ, Client(reader, writer))
+
+    def read_client(self, client: Client) -> bool:
+        """Handle every complete line the client sent; False once it has gone."""
         try:
-            answer: dict[str, Any] = {"pid": fork_kernel(json.loads(line))}
-        except (ValueError, KeyError, OSError) as error:
+            data = os.read(client.reader, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        client.buffer += data
+        *lines, client.buffer = client.buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.handle(client, line)
+        return True
+
+    def drop_client(self, client: Client) -> None:
+        self.selector.unregister(client.reader)
+        client.closed = True
+        for kernel_id in list(client.kernels):
+            self.release(kernel_id, None)
+        os.close(client.reader)
+        if client.writer != client.reader:
+            os.close(client.writer)
+
+    def handle(self, client: Client, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            request_id = request.get("id")
+            op = request["op"]
+        except (ValueError, KeyError, AttributeError, TypeError):
+            client.send({"error": "not a request"})
+            return
+        try:
+            if op == "hello":
+                answer = {"workers": len(self.settings.pool.workers) if self.settings.pool else None,
+                          "runtime_dir": str(self.settings.runtime_dir)}  # fmt: skip
+            elif op == "start":
+                answer = self.start(client, int(request.get("cpu_seconds", 0)), int(request.get("memory_bytes", 0)))
+            elif op == "release":
+                if self.release(str(request.get("kernel_id")), (client, request_id)):
+                    return  # answered when the worker is clean
+                answer = {"released": request.get("kernel_id")}
+            else:
+                answer = {"error": f"unknown op {op!r}"}
+        except (ValueError, TypeError, OSError) as error:
             answer = {"error": str(error)}
-        stdout.write(json.dumps(answer) + "\n")
-        stdout.flush()
+        client.send({"id": request_id, **answer})
+
+    # --- kernels -------------------------------------------------------------------------------------
+
+    def start(self, client: Client, cpu_seconds: int, memory_bytes: int) -> dict[str, Any]:
+        worker = None
+        if self.settings.pool is not None:
+            if not self.free_workers:
+                return {"error": "every worker is busy", "busy": True}
+            worker = self.free_workers.pop(0)
+        kernel_id = uuid.uuid4().hex
+        directory = self.settings.runtime_dir / kernel_id
+        try:
+            directory.mkdir(mode=0o700)
+            if worker is not None:
+                # Owned by the worker, readable by the server's group; setgid, so the sockets the kernel
+                # binds belong to that group too. Other workers get nothing.
+                os.chown(directory, worker.uid, self.settings.server_gid)
+                os.chmod(directory, 0o2750)
+            info = connection_info(directory)
+            limits = {"cpu_seconds": cpu_seconds, "memory_bytes": memory_bytes}
+            pid = self.fork_kernel(worker, info, limits)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            if worker is not None:
+                self.free_workers.append(worker)
+            raise
+        self.kernels[kernel_id] = KernelRecord(kernel_id, pid, directory, client, worker)
+        client.kernels.add(kernel_id)
+        return {"kernel_id": kernel_id, "pid": pid, "worker": worker.name if worker else None, "connection": info}
+
+    def fork_kernel(self, worker: Worker | None, info: dict[str, Any], limits: dict[str, int]) -> int:
+        provider = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                run_kernel(self.settings, provider, worker, info, limits)
+            finally:
+                os._exit(70)
+        return pid
+
+    def release(self, kernel_id: str, answer_to: tuple[Client, Any] | None) -> bool:
+        """Kill the kernel's process group; True when the answer waits for the worker's reset."""
+        record = self.kernels.get(kernel_id)
+        if record is None or record.release_id is not None:
+            return False
+        record.client.kernels.discard(kernel_id)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(record.pid, signal.SIGKILL)
+        if record.worker is None:
+            self.forget(record)
+            return False
+        # A worker kernel may have left processes outside its group and files anywhere it can write:
+        # the pool's reset tool finds them by uid. The worker serves again only after it succeeded.
+        record.release_id = answer_to or (None, None)
+        reset = subprocess.Popen([*self.settings.reset_command, record.worker.name], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        self.resets[reset.pid] = record
+        self.reset_processes[reset.pid] = reset
+        return answer_to is not None
+
+    def forget(self, record: KernelRecord) -> None:
+        self.kernels.pop(record.kernel_id, None)
+        shutil.rmtree(record.directory, ignore_errors=True)
+
+    def reap(self) -> None:
+        """Collect exited kernels (no zombies) and finish the releases whose reset is done."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            record = self.resets.pop(pid, None)
+            if record is not None:
+                self.finish_reset(record, self.reset_processes.pop(pid), os.waitstatus_to_exitcode(status))
+                continue
+            kernel = next((k for k in self.kernels.values() if k.pid == pid and k.release_id is None), None)
+            if kernel is not None:
+                # Died before its release (out of memory, CPU limit, a crash): the server stops waiting.
+                kernel.client.send({"died": kernel.kernel_id, "status": os.waitstatus_to_exitcode(status)})
+
+    def finish_reset(self, record: KernelRecord, reset: subprocess.Popen[bytes], code: int) -> None:
+        assert record.worker is not None
+        self.forget(record)
+        if code == 0:
+            self.free_workers.append(record.worker)
+        else:
+            # An unclean worker must not run the next stranger's code: it stays out until a restart.
+            message = reset.stderr.read().decode(errors="replace").strip() if reset.stderr else ""
+            log.error("resetting %s failed (exit %s): %s; it is out of the pool", record.worker.name, code, message)
+        if reset.stderr:
+            reset.stderr.close()
+        client, request_id = record.release_id
+        if client is not None:
+            client.send({"id": request_id, "released": record.kernel_id})
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def run_forever(self, listener: socket.socket | None) -> None:
+        if listener is not None:
+            listener.setblocking(False)
+            self.selector.register(listener, selectors.EVENT_READ, "listener")
+        while True:
+            for key, _events in self.selector.select():
+                if key.data == "wakeup":
+                    while True:
+                        try:
+                            if not os.read(self.wakeup_reader, 512):
+                                break
+                        except BlockingIOError:
+                            break
+                    self.reap()
+                elif key.data == "listener":
+                    assert listener is not None
+                    with contextlib.suppress(BlockingIOError, ConnectionAbortedError):
+                        connection, _address = listener.accept()
+                        fd = connection.detach()
+                        self.add_client(fd, fd)
+                elif not self.read_client(key.data):
+                    self.drop_client(key.data)
+                    if listener is None:
+                        return  # the server that spawned this provider is gone
 
 
-if __name__ == "__main__":
-    # The server passes its own pid, so a provider whose server died while it started exits at once.
-    serve(int(sys.argv[1]))
+def reset_every_worker(settings: ProviderSettings) -> list[Worker]:
+    """At start, workers may hold what a killed provider left: reset them all, keep those that came clean."""
+    assert settings.pool is not None
+    resets = {worker: subprocess.Popen([*settings.reset_command, worker.name], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+              for worker in settings.pool.workers}  # fmt: skip
+    clean = []
+    for worker, reset in resets.items():
+        _out, error = reset.communicate()
+        if reset.returncode == 0:
+            clean.append(worker)
+        else:
+            log.error("resetting %s failed: %s; it is out of the pool", worker.name, error.decode().strip())
+    return clean
+
+
+def listen(path: Path, gid: int) -> socket.socket:
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o660)
+    listener.listen(8)
+    return listener
+
+
+def serve_pool(settings: ProviderSettings, socket_path: Path) -> None:
+    """Root service mode: workers reset, then the socket opens for the cell server's group."""
+    settings.runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for stale in settings.runtime_dir.iterdir():
+        shutil.rmtree(stale, ignore_errors=True)
+    provider = Provider(settings)
+    provider.free_workers = reset_every_worker(settings)
+    if not provider.free_workers:
+        raise SystemExit("kernel provider: no worker could be reset; refusing to run kernels")
+    listener = listen(socket_path, settings.server_gid)
+    log.info("serving %d workers on %s", len(provider.free_workers), socket_path)
+    provider.run_forever(listener)
+
+
+def serve_parent(settings: ProviderSettings, parent: int) -> None:
+    """Spawned mode: the server's pipes are the one client; kernels run as the current user."""
+    die_with_parent(parent)
+    provider = Provider(settings)
+    provider.add_client(sys.stdin.fileno(), sys.stdout.fileno())
+    provider.run_forever(None)
+
+
+def group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise SystemExit(f"kernel provider: no group named {name!r}") from None

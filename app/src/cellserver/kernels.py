@@ -9,17 +9,14 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.asynchronous import AsyncKernelClient
-from jupyter_client.connect import write_connection_file
 
 log = logging.getLogger("cellserver.kernels")
 
@@ -28,11 +25,99 @@ RUNTIME_PREFIX = "cellserver-kernels-"
 
 
 def remove_stale_runtime_dirs() -> None:
-    """Connection files and sockets left by a server that was killed (its pid is in the directory name)."""
+    """Kernel directories left by a server that was killed (its pid is in the directory name)."""
     for directory in Path(tempfile.gettempdir()).glob(f"{RUNTIME_PREFIX}*"):
         owner = directory.name[len(RUNTIME_PREFIX) :].split("-")[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists() and directory.owner() == getpass.getuser():
             shutil.rmtree(directory, ignore_errors=True)
+
+
+class ProviderError(Exception):
+    """The kernel provider refused a request or is gone."""
+
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
+
+
+class ProviderLink:
+    """Requests to the kernel provider, answered by id, so a slow worker reset holds up nothing else.
+
+    With no socket configured the server spawns its own provider (kernels run as the current user);
+    with one, it connects to the root provider service that runs kernels as pooled workers.
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.process: asyncio.subprocess.Process | None = None
+        self.runtime_dir: Path | None = None
+        self.workers: int | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 0
+        self._reader_task: asyncio.Task[None] | None = None
+        self.lost = asyncio.Event()  # set when the provider closed the connection
+        self.deaths: dict[str, asyncio.Event] = {}  # kernel id -> set when the provider saw it exit
+
+    async def open(self) -> None:
+        if self.socket_path:
+            reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+        else:
+            remove_stale_runtime_dirs()
+            self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-"))
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cellserver", "kernel-provider", "--parent-pid", str(os.getpid()),
+                "--runtime-dir", str(self.runtime_dir), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert self.process.stdout and self.process.stdin
+            reader, self._writer = self.process.stdout, self.process.stdin  # type: ignore[assignment]
+        self._reader_task = asyncio.create_task(self._read_answers(reader))
+        hello = await self.request({"op": "hello"})
+        self.workers = hello.get("workers")
+
+    async def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+        if self.process and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        if self._reader_task:
+            self._reader_task.cancel()
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._writer is None or self._reader_task is None or self._reader_task.done():
+            raise ProviderError("the kernel provider is gone")
+        self._next_id += 1
+        answer = asyncio.get_running_loop().create_future()
+        self._answers[self._next_id] = answer
+        self._writer.write((json.dumps({"id": self._next_id, **request}) + "\n").encode())
+        await self._writer.drain()
+        result = await answer
+        if "error" in result:
+            raise ProviderError(f"kernel provider: {result['error']}", busy=bool(result.get("busy")))
+        return result
+
+    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                answer = json.loads(line)
+                if "died" in answer:
+                    self.deaths.setdefault(answer["died"], asyncio.Event()).set()
+                    continue
+                future = self._answers.pop(answer.get("id"), None)
+                if future and not future.done():
+                    future.set_result(answer)
+        finally:
+            # Without a provider no kernel starts and none is released: fail loudly, every waiter at once.
+            log.error("the kernel provider closed its connection")
+            self.lost.set()
+            for future in self._answers.values():
+                if not future.done():
+                    future.set_result({"error": "the kernel provider is gone"})
+            self._answers.clear()
 
 
 class KernelsBusyError(Exception):
@@ -48,34 +133,51 @@ class PoolSettings:
     memory_bytes: int = 2 << 30
     idle_seconds: float = 900.0
     acquire_wait: float = 2.0
+    provider_socket: str = ""  # empty: spawn a provider that runs kernels as the current user
 
 
 @dataclass
 class Kernel:
     kernel_id: str
     pid: int
-    connection_file: Path
+    worker: str | None
     client: AsyncKernelClient
+    died: asyncio.Event
     ready_since: float = field(default_factory=time.monotonic)
+
+    def alive(self) -> bool:
+        """Not reported dead by the provider, and its process still exists (EPERM: it does, as a worker)."""
+        if self.died.is_set():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 class KernelPool:
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
+        self.provider = ProviderLink(settings.provider_socket)
+        self.max_kernels = settings.max_kernels
         self._ready: asyncio.Queue[Kernel] = asyncio.Queue()
-        self._live = 0  # ready + in use + starting
-        self._provider: asyncio.subprocess.Process | None = None
-        self._provider_lock = asyncio.Lock()
-        remove_stale_runtime_dirs()
-        self._runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-"))
+        self._live = 0  # ready + in use + starting + being released (its worker is not free yet)
         self._refill_task: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
 
+    @property
+    def pooled(self) -> bool:
+        return self.provider.workers is not None
+
     async def start(self) -> None:
-        self._provider = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cellserver.kernel_provider", str(os.getpid()), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        await self.provider.open()
+        if self.provider.workers is not None:
+            # A kernel holds a worker from its start until its reset: more kernels than workers cannot run.
+            self.max_kernels = min(self.max_kernels, self.provider.workers)
         self._refill_task = asyncio.create_task(self._refill_forever())
         self._wakeup.set()
 
@@ -83,11 +185,10 @@ class KernelPool:
         if self._refill_task:
             self._refill_task.cancel()
         while not self._ready.empty():
-            self._kill(self._ready.get_nowait())
-        if self._provider and self._provider.returncode is None:
-            self._provider.kill()
-            await self._provider.wait()
-        shutil.rmtree(self._runtime_dir, ignore_errors=True)
+            self.release(self._ready.get_nowait())
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=10)
+        await self.provider.close()
 
     async def acquire(self) -> Kernel:
         """A ready kernel, started now if there is room, or KernelsBusyError after a short wait."""
@@ -96,10 +197,17 @@ class KernelPool:
             with contextlib.suppress(asyncio.QueueEmpty):
                 kernel = self._ready.get_nowait()
                 self._wakeup.set()
+                if not kernel.alive():  # killed while it waited (a reset, the OOM killer): replace it
+                    self.release(kernel)
+                    continue
                 return kernel
-            if self._live < self.settings.max_kernels:
+            if self._live < self.max_kernels:
                 try:
                     return await self._launch()
+                except ProviderError as error:
+                    if not error.busy:
+                        log.error("starting a kernel on demand failed: %s", error)
+                        raise KernelsBusyError() from error
                 except Exception as error:
                     log.error("starting a kernel on demand failed: %s", error)
                     raise KernelsBusyError() from error
@@ -111,25 +219,27 @@ class KernelPool:
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11 (EL9)
                 raise KernelsBusyError() from None
             self._wakeup.set()
+            if not kernel.alive():
+                self.release(kernel)
+                continue
             return kernel
 
     def release(self, kernel: Kernel) -> None:
-        """Single use: the kernel and everything it started are killed, never reused."""
-        self._kill(kernel)
-        self._wakeup.set()
-
-    def _kill(self, kernel: Kernel) -> None:
-        self._tear_down(kernel)
-        self._live -= 1
-
-    def _tear_down(self, kernel: Kernel) -> None:
-        """Kill the kernel's process group and remove its connection file and sockets."""
+        """Single use: the provider kills the kernel and everything it started, and resets its worker."""
         kernel.client.stop_channels()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(kernel.pid, signal.SIGKILL)
-        kernel.connection_file.unlink(missing_ok=True)
-        for socket_file in self._runtime_dir.glob(f"k-{kernel.kernel_id}-*"):
-            socket_file.unlink(missing_ok=True)
+        task = asyncio.create_task(self._release(kernel))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, kernel: Kernel) -> None:
+        self.provider.deaths.pop(kernel.kernel_id, None)
+        try:
+            await self.provider.request({"op": "release", "kernel_id": kernel.kernel_id})
+        except ProviderError as error:
+            log.error("releasing kernel %s: %s", kernel.kernel_id, error)
+        finally:
+            self._live -= 1
+            self._wakeup.set()
 
     async def _launch(self) -> Kernel:
         self._live += 1
@@ -140,37 +250,23 @@ class KernelPool:
             raise
 
     async def _start_kernel(self) -> Kernel:
-        kernel_id = str(uuid.uuid4())
-        connection_file = self._runtime_dir / f"kernel-{kernel_id}.json"
-        # Unix sockets, not TCP ports: no race for free ports between kernels started side by side, and
-        # later no loopback traffic for the worker firewall to allow.
-        socket_base = str(self._runtime_dir / f"k-{kernel_id}")
-        write_connection_file(str(connection_file), transport="ipc", ip=socket_base)
-        pid = await self._ask_provider(
-            {"connection_file": str(connection_file), "cpu_seconds": self.settings.cpu_seconds,
-             "memory_bytes": self.settings.memory_bytes}
-        )  # fmt: skip
+        answer = await self.provider.request(
+            {"op": "start", "cpu_seconds": self.settings.cpu_seconds, "memory_bytes": self.settings.memory_bytes}
+        )
         client = AsyncKernelClient()
-        client.load_connection_file(str(connection_file))
+        client.load_connection_info(answer["connection"])
         client.start_channels()
-        kernel = Kernel(kernel_id=kernel_id, pid=pid, connection_file=connection_file, client=client)
+        died = self.provider.deaths.setdefault(answer["kernel_id"], asyncio.Event())
+        kernel = Kernel(answer["kernel_id"], answer["pid"], answer["worker"], client, died)
         try:
             await client.wait_for_ready(timeout=self.settings.start_timeout)
         except BaseException:
-            self._tear_down(kernel)  # _launch gives the slot back
+            # The slot stays counted until the provider has released it (and reset its worker).
+            self._live += 1
+            self.release(kernel)
             raise
         kernel.ready_since = time.monotonic()
         return kernel
-
-    async def _ask_provider(self, request: dict[str, Any]) -> int:
-        assert self._provider and self._provider.stdin and self._provider.stdout
-        async with self._provider_lock:
-            self._provider.stdin.write((json.dumps(request) + "\n").encode())
-            await self._provider.stdin.drain()
-            answer = json.loads(await self._provider.stdout.readline() or b'{"error": "provider exited"}')
-        if "error" in answer:
-            raise RuntimeError(f"kernel provider: {answer['error']}")
-        return int(answer["pid"])
 
     async def _refill_forever(self) -> None:
         """Keep the preforked reserve full and replace kernels idle for too long."""
@@ -181,15 +277,17 @@ class KernelPool:
             self._wakeup.clear()
             self._expire_idle()
             while True:
-                wanted = min(self.settings.preforked - self._ready.qsize(), self.settings.max_kernels - self._live)
+                wanted = min(self.settings.preforked - self._ready.qsize(), self.max_kernels - self._live)
                 if wanted <= 0:
                     break
                 # Started side by side: most of a start is waiting for the new kernel to answer.
                 started = await asyncio.gather(*(self._launch() for _ in range(wanted)), return_exceptions=True)
-                failures = [result for result in started if isinstance(result, BaseException)]
                 for result in started:
                     if isinstance(result, Kernel):
                         self._ready.put_nowait(result)
+                if any(isinstance(result, ProviderError) and result.busy for result in started):
+                    break  # every worker is taken or being reset: the next release wakes this loop
+                failures = [result for result in started if isinstance(result, BaseException)]
                 if failures:
                     log.error("starting %d preforked kernels failed: %s", len(failures), failures[0])
                     await asyncio.sleep(1)
@@ -201,7 +299,7 @@ class KernelPool:
         while not self._ready.empty():
             kernel = self._ready.get_nowait()
             if now - kernel.ready_since > self.settings.idle_seconds:
-                self._kill(kernel)
+                self.release(kernel)
             else:
                 keep.append(kernel)
         for kernel in keep:

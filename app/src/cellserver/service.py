@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -24,14 +25,26 @@ async def execute(kernel: Kernel, code: str, user_expressions: dict[str, str], t
         if message["msg_type"] == "stream":
             streams.setdefault(message["content"]["name"], []).append(message["content"]["text"])
 
-    try:
-        reply = await kernel.client.execute_interactive(
+    running = asyncio.ensure_future(
+        kernel.client.execute_interactive(
             code, user_expressions=user_expressions, allow_stdin=False, timeout=timeout, output_hook=collect
         )
-        content = reply["content"]
-    except TimeoutError:
+    )
+    died = asyncio.ensure_future(kernel.died.wait())
+    await asyncio.wait({running, died}, return_when=asyncio.FIRST_COMPLETED)
+    died.cancel()
+    if running.done() and not running.cancelled() and running.exception() is None:
+        content = running.result()["content"]
+    elif running.done() and isinstance(running.exception(), TimeoutError):
         content = {"status": "error", "ename": "TimeoutError", "evalue": f"no answer within {timeout:g} s",
                    "traceback": []}  # fmt: skip
+    elif not running.done():
+        # The kernel exited mid-computation: a limit killed it (CPU, memory) or the code ended the process.
+        running.cancel()
+        content = {"status": "error", "ename": "KernelDied", "evalue": "the kernel exited before it answered",
+                   "traceback": []}  # fmt: skip
+    else:
+        raise running.exception()  # type: ignore[misc]
     answer: dict[str, Any] = {"success": content.get("status") == "ok", "stdout": "".join(streams["stdout"])}
     stderr = "".join(streams["stderr"])
     if stderr:
