@@ -21,7 +21,7 @@ endif
 
 HOST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
 	debootstrap e2fsprogs dnsmasq-base iproute2 socat netcat-openbsd openssh-client nftables \
-	python3-venv python3-dev gcc
+	python3-venv python3-dev gcc postgresql chromium
 
 PLAYBOOKS := $(filter-out playbooks/site.yml,$(wildcard playbooks/*.yml)) playbooks/site.yml \
 	$(wildcard playbooks/lab/*.yml)

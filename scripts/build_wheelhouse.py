@@ -40,7 +40,7 @@ def build(source: Path, scratch: Path, python: str, epoch: str) -> None:
     env = {**os.environ, "SOURCE_DATE_EPOCH": epoch, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     # The app itself is built from a copy: setuptools writes build/ and *.egg-info next to the sources.
     subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), "--constraint",
-                    str(constraints), str(source)], check=True, env=env)  # fmt: skip
+                    str(constraints), f"{source}[postgres]"], check=True, env=env)  # fmt: skip
 
 
 def sync(built: Path, target: Path) -> bool:

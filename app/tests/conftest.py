@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -74,10 +76,76 @@ class Service:
             return error.code, dict(error.headers), error.read().decode()
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster from Debian's packages, on a free loopback port."""
+
+    directory: Path
+    port: int
+    bin_dir: Path
+
+    @property
+    def conninfo(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def _as_owner(self, *command: str) -> list[str]:
+        # PostgreSQL refuses to run as root; CI runs the tests as root, so the cluster runs as `postgres`.
+        return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+    def start(self) -> None:
+        subprocess.run(self._as_owner(str(self.bin_dir / "pg_ctl"), "-D", str(self.directory / "data"), "-w",
+                       "-l", str(self.directory / "log"), "-o", f"-p {self.port} -k {self.directory} -c fsync=on",
+                       "start"), check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+
+    def kill_hard(self) -> None:
+        postmaster = int((self.directory / "data" / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{postmaster}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Backends outlive a SIGKILLed postmaster briefly; the next start waits for them through pg_ctl.
+        time.sleep(1)
+
+    def stop(self) -> None:
+        subprocess.run(self._as_owner(str(self.bin_dir / "pg_ctl"), "-D", str(self.directory / "data"), "-m",
+                       "immediate", "stop"), check=False, capture_output=True)  # fmt: skip
+
+
+def postgres_bin_dir() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (apt install postgresql); CI must run these tests")
+        pytest.skip("PostgreSQL is not installed (apt install postgresql)")
+    # Not under pytest's temporary root: that is closed to other users, and the cluster runs as `postgres`.
+    directory = Path(tempfile.mkdtemp(prefix="cellfleet-postgres-"))
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres", "postgres")
+    cluster = Postgres(directory=directory, port=free_port(), bin_dir=bin_dir)
+    subprocess.run(cluster._as_owner(str(bin_dir / "initdb"), "-D", str(directory / "data"), "--auth=trust",
+                                     "-U", "postgres"), check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    cluster.start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
+    """The permalink service on each store the cluster may use."""
     database = tmp_path / "permalinks.sqlite3"
-    running = Service(port=free_port(), database=database, arguments=("permalink", "--db", str(database)))
+    if request.param == "sqlite":
+        arguments: tuple[str, ...] = ("permalink", "--db", str(database))
+    else:
+        cluster = request.getfixturevalue("postgres")
+        arguments = ("permalink", "--postgres", cluster.conninfo)
+    running = Service(port=free_port(), database=database, arguments=arguments)
     running.start()
     yield running
     running.stop()

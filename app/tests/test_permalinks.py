@@ -6,9 +6,10 @@ import json
 import re
 import zlib
 from base64 import urlsafe_b64decode
+from pathlib import Path
 
 from cellserver.permalinks import unzip_text, zip_text
-from conftest import Service
+from conftest import Postgres, Service, free_port
 
 CODE = "print(1 + 1)\n# é ünïcode ✓"
 
@@ -79,3 +80,23 @@ def test_acknowledged_permalinks_survive_kill_9(service: Service) -> None:
     for ident, code in idents.items():
         status, _headers, body = service.request("GET", f"/permalink?q={ident}")
         assert status == 200 and json.loads(body)[0] == code
+
+
+def test_acknowledged_permalinks_survive_kill_9_of_postgresql(postgres: Postgres, tmp_path: Path) -> None:
+    service = Service(port=free_port(), database=tmp_path / "unused", arguments=("permalink", "--postgres",
+                      postgres.conninfo))  # fmt: skip
+    service.start()
+    try:
+        idents = {}
+        for number in range(40):
+            status, _headers, body = service.request("POST", "/permalink", {"code": f"print({number})"})
+            assert status == 200
+            idents[json.loads(body)["query"]] = f"print({number})"
+        postgres.kill_hard()
+        postgres.start()
+        # The service was not restarted: it reconnects on its own.
+        for ident, code in idents.items():
+            status, _headers, body = service.request("GET", f"/permalink?q={ident}")
+            assert status == 200 and json.loads(body)[0] == code
+    finally:
+        service.stop()

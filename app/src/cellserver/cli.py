@@ -26,6 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--max-kernels", type=int, help="kernels alive at once (default 8)")
     serve.add_argument("--preforked", type=int, help="ready kernels kept in reserve (default 2)")
     serve.add_argument("--timeout", type=float, help="wall seconds per computation (default 30)")
+    serve.add_argument("--permalink-url", help="the permalink service, e.g. http://127.0.0.1:8889")
     serve.add_argument("--syslog-socket", help="where the computation log goes, facility local3 (default /dev/log)")
     serve.add_argument("--check", action="store_true", help="check the settings, print them, start nothing")
     serve.add_argument("--provider-socket", help="socket of the root kernel provider that runs pooled workers")
@@ -41,7 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     permalink = commands.add_parser("permalink", help="run the permalink service")
     permalink.add_argument("--port", type=int, default=8889, help="TCP port (default 8889)")
     permalink.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
-    permalink.add_argument("--db", type=Path, default=Path("permalinks.sqlite3"), help="SQLite database file")
+    storage = permalink.add_mutually_exclusive_group()
+    storage.add_argument("--db", type=Path, default=Path("permalinks.sqlite3"), help="SQLite database file")
+    storage.add_argument("--postgres", metavar="CONNINFO",
+                         help="PostgreSQL connection string, no password: libpq reads it from PGPASSFILE")  # fmt: skip
     args = parser.parse_args(argv)
     if args.command == "permalink" and not 1 <= args.port <= 65535:
         parser.error(f"--port must be 1-65535, got {args.port}")
@@ -61,6 +65,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         "timeout": args.timeout,
         "syslog_socket": args.syslog_socket,
         "provider_socket": args.provider_socket,
+        "permalink_url": args.permalink_url,
     }
     return config_module.load(args.config, overrides)
 
@@ -86,7 +91,12 @@ async def run_serve(config: ServerConfig) -> None:
     )
     pool = KernelPool(settings)
     await pool.start()
-    make_app(pool, config.timeout).listen(config.port, address=config.bind)
+    store = None
+    if not config.permalink_url:
+        from cellserver.permalinks import SQLiteStore
+
+        store = SQLiteStore(Path(config.permalink_db or ":memory:"))
+    make_app(pool, config.timeout, config.permalink_url, store).listen(config.port, address=config.bind)
     systemd.notify("READY=1")
     interval = systemd.watchdog_interval()
     watchdog = asyncio.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
@@ -95,7 +105,8 @@ async def run_serve(config: ServerConfig) -> None:
     else:
         # Say so: kernels then run with this process's own rights.
         where = f"no worker pool configured, kernels run as the current user (uid {os.getuid()})"
-    print(f"cellserver serve: listening on {config.bind}:{config.port}; {where}", flush=True)
+    permalinks = config.permalink_url or config.permalink_db or "in memory (lost at exit)"
+    print(f"cellserver serve: listening on {config.bind}:{config.port}; {where}; permalinks {permalinks}", flush=True)
     lost = asyncio.create_task(pool.provider.lost.wait())
     stop = asyncio.create_task(stopping.wait())
     try:
@@ -110,12 +121,15 @@ async def run_serve(config: ServerConfig) -> None:
 
 
 async def run_permalink(args: argparse.Namespace) -> None:
+    from cellserver import systemd
     from cellserver.permalink_service import make_app
-    from cellserver.permalinks import SQLiteStore
+    from cellserver.permalinks import PermalinkStore, PostgresStore, SQLiteStore
 
-    store = SQLiteStore(args.db)
+    store: PermalinkStore = PostgresStore(args.postgres) if args.postgres else SQLiteStore(args.db)
     make_app(store).listen(args.port, address=args.bind)
-    print(f"cellserver permalink: listening on {args.bind}:{args.port}, SQLite {args.db}", flush=True)
+    where = f"PostgreSQL {args.postgres}" if args.postgres else f"SQLite {args.db}"
+    systemd.notify("READY=1")
+    print(f"cellserver permalink: listening on {args.bind}:{args.port}, {where}", flush=True)
     await asyncio.Event().wait()
 
 

@@ -32,6 +32,10 @@ class ServerConfig:
     syslog_socket: str = "/dev/log"
     # The root kernel provider's socket (pooled workers); empty: kernels run as the current user.
     provider_socket: str = ""
+    # The permalink service (http://host:port); empty: permalinks are kept in this process (permalink_db).
+    permalink_url: str = ""
+    # SQLite file for permalinks kept in this process; empty: in memory, lost at exit.
+    permalink_db: str = ""
 
 
 # name -> (lowest, highest) for the numbers; checked after the types.
@@ -78,6 +82,9 @@ def apply(config: ServerConfig, values: dict[str, Any], source: str) -> ServerCo
             checked[name] = check_value(name, value, expected)
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}") from None
+    url = str(checked.get("permalink_url", ""))
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: permalink_url must start with http:// or https://, got {url!r}")
     result = replace(config, **checked)
     if result.preforked > result.max_kernels:
         raise ConfigError(

@@ -10,11 +10,12 @@ import asyncio
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import tornado.web
 
 from cellserver.handlers import PublicAPIHandler
-from cellserver.permalinks import ID_ALPHABET, ID_LENGTH, Permalink, SQLiteStore, zip_text
+from cellserver.permalinks import ID_ALPHABET, ID_LENGTH, Permalink, PermalinkStore, zip_text
 
 MAX_INTERACTS_CHARS = 65_000
 # A JSONP callback is a dotted JavaScript name; anything else could inject script into the response.
@@ -23,7 +24,7 @@ PERMALINK_ID = re.compile(rf"^[{ID_ALPHABET}]{{{ID_LENGTH}}}$")
 
 
 class PermalinkHandler(PublicAPIHandler):
-    def initialize(self, store: SQLiteStore, executor: ThreadPoolExecutor) -> None:
+    def initialize(self, store: PermalinkStore, executor: ThreadPoolExecutor) -> None:
         self.store = store
         self.executor = executor
 
@@ -68,7 +69,10 @@ class PermalinkHandler(PublicAPIHandler):
         return None
 
 
-def make_app(store: SQLiteStore) -> tornado.web.Application:
+def permalink_routes(store: PermalinkStore, paths: tuple[str, ...] = ("/", "/permalink")) -> list[Any]:
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="permalink-store")
-    arguments = {"store": store, "executor": executor}
-    return tornado.web.Application([(r"/", PermalinkHandler, arguments), (r"/permalink", PermalinkHandler, arguments)])
+    return [(path, PermalinkHandler, {"store": store, "executor": executor}) for path in paths]
+
+
+def make_app(store: PermalinkStore) -> tornado.web.Application:
+    return tornado.web.Application(permalink_routes(store))

@@ -1,6 +1,6 @@
 """Permalinks as SageMathCell makes them: a compressed copy of the code for `?z=` URLs, and a short id for
-`?q=` URLs backed by a store. Storage is SQLite here (WAL, fsync on every write, so an acknowledged permalink
-survives a crash)."""
+`?q=` URLs backed by a store: SQLite (WAL, fsync on every write) or PostgreSQL (each insert committed before
+the answer). Either way an acknowledged permalink survives a crash."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import sqlite3
 import string
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 ID_ALPHABET = string.ascii_lowercase
 ID_LENGTH = 6
@@ -39,6 +41,19 @@ def new_id() -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
 
 
+class PermalinkStore(Protocol):
+    def put(self, permalink: Permalink) -> str: ...
+    def get(self, ident: str) -> Permalink | None: ...
+    def close(self) -> None: ...
+
+
+def candidate_ids() -> Iterator[str]:
+    # 26**6 ids: a collision is rare, twenty in a row means something else is wrong.
+    for _ in range(20):
+        yield new_id()
+    raise RuntimeError("could not find a free permalink id")
+
+
 class SQLiteStore:
     """A permalink table in one SQLite file. Calls are blocking: run them off the event loop."""
 
@@ -64,8 +79,7 @@ class SQLiteStore:
 
     def put(self, permalink: Permalink) -> str:
         with self._lock:
-            for _ in range(20):
-                ident = new_id()
+            for ident in candidate_ids():
                 try:
                     self._connection.execute(
                         "INSERT INTO permalinks (ident, code, language, interacts) VALUES (?, ?, ?, ?)",
@@ -73,8 +87,8 @@ class SQLiteStore:
                     )
                     return ident
                 except sqlite3.IntegrityError:
-                    continue  # 26**6 ids: a collision is rare, twenty in a row means something else is wrong
-        raise RuntimeError("could not find a free permalink id")
+                    continue
+        raise AssertionError("unreachable")
 
     def get(self, ident: str) -> Permalink | None:
         with self._lock:
@@ -86,3 +100,70 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+class PostgresStore:
+    """The same table in PostgreSQL (the cluster's choice). One connection per calling thread, reopened
+    once when the server went away (a restart), so a restarted database costs no request."""
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS permalinks (
+            ident TEXT PRIMARY KEY,
+            code TEXT NOT NULL,
+            language TEXT NOT NULL,
+            interacts TEXT NOT NULL,
+            created TIMESTAMPTZ NOT NULL DEFAULT now(),
+            requested INTEGER NOT NULL DEFAULT 0
+        )
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        import psycopg  # only the PostgreSQL deployments need the driver
+
+        self._psycopg = psycopg
+        self.conninfo = conninfo
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+        self._run(lambda connection: connection.execute(self.SCHEMA))
+
+    def _connection(self) -> Any:
+        connection = getattr(self._local, "connection", None)
+        if connection is None or connection.closed:
+            # autocommit: every INSERT is its own transaction, committed (and flushed) before put() returns.
+            connection = self._psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
+            self._local.connection = connection
+            with self._lock:
+                self._connections.append(connection)
+        return connection
+
+    def _run(self, action: Any) -> Any:
+        try:
+            return action(self._connection())
+        except self._psycopg.OperationalError:
+            self._local.connection = None  # the server restarted or the link broke: one fresh try
+            return action(self._connection())
+
+    def put(self, permalink: Permalink) -> str:
+        for ident in candidate_ids():
+            try:
+                self._run(lambda connection, ident=ident: connection.execute(
+                    "INSERT INTO permalinks (ident, code, language, interacts) VALUES (%s, %s, %s, %s)",
+                    (ident, permalink.code, permalink.language, permalink.interacts),
+                ))  # fmt: skip
+                return ident
+            except self._psycopg.errors.UniqueViolation:
+                continue
+        raise AssertionError("unreachable")
+
+    def get(self, ident: str) -> Permalink | None:
+        row = self._run(lambda connection: connection.execute(
+            "SELECT code, language, interacts FROM permalinks WHERE ident = %s", (ident,)
+        ).fetchone())  # fmt: skip
+        return Permalink(*row) if row else None
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()

@@ -12,6 +12,7 @@ import tornado.web
 from cellserver import computation_log
 from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
 from cellserver.kernels import Kernel, KernelPool, KernelsBusyError
+from cellserver.permalinks import PermalinkStore
 
 RETRY_AFTER_SECONDS = 5
 HEALTH_TIMEOUT_SECONDS = 10.0
@@ -117,10 +118,28 @@ class HealthHandler(JSONErrorHandler):
         self.finish(json.dumps({"healthy": True, "seconds": round(time.monotonic() - started, 3)}))
 
 
-def make_app(pool: KernelPool, timeout: float) -> tornado.web.Application:
+def make_app(
+    pool: KernelPool, timeout: float, permalink_url: str = "", permalink_store: PermalinkStore | None = None
+) -> tornado.web.Application:
+    """The compute server's routes. Permalinks go to the permalink service at permalink_url, or, with no
+    URL (a laptop), to permalink_store in this process."""
+    from cellserver import page
+    from cellserver.permalink_service import permalink_routes
+
+    if permalink_url:
+        permalinks: list[Any] = [(r"/permalink", page.PermalinkForwardHandler, {"url": permalink_url})]
+        source = page.PermalinkSource(url=permalink_url)
+    else:
+        assert permalink_store is not None
+        permalinks = permalink_routes(permalink_store, paths=("/permalink",))
+        source = page.PermalinkSource(store=permalink_store)
     return tornado.web.Application(
         [
+            (r"/", page.CellPageHandler, {"permalinks": source}),
             (r"/service", ServiceHandler, {"pool": pool, "timeout": timeout}),
             (r"/health", HealthHandler, {"pool": pool}),
-        ]
+            *permalinks,
+        ],
+        static_path=str(page.STATIC_DIR),
+        template_path=str(page.TEMPLATE_DIR),
     )

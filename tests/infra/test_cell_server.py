@@ -1,0 +1,179 @@
+"""The cell server on a cell: computations run as pooled, confined workers and leave nothing behind.
+
+Requests go to the server on the cell's loopback (python3 on the cell posts them), exactly as nginx and
+the load balancer will reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+from testinfra.host import Host
+
+from conftest import Node
+
+POST = """
+import json, sys, urllib.error, urllib.parse, urllib.request
+data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
+try:
+    with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
+        print(json.dumps({"status": answer.status, "headers": dict(answer.headers), "body": json.load(answer)}))
+except urllib.error.HTTPError as error:
+    print(json.dumps({"status": error.code, "headers": dict(error.headers), "body": json.load(error)}))
+"""
+
+
+@dataclass(frozen=True)
+class Cell:
+    node: Node
+    port: int
+    uids: dict[int, str]  # worker uid -> name
+    context: str
+
+    @property
+    def host(self) -> Host:
+        return self.node.host
+
+    def compute(self, code: str) -> dict:
+        output = self.host.check_output(f"python3 -c {shlex.quote(POST)} {self.port} {shlex.quote(code)}")
+        return json.loads(output)
+
+    def stdout(self, code: str) -> str:
+        answer = self.compute(code)
+        assert answer["status"] == 200, answer
+        return answer["body"]["stdout"]
+
+
+@pytest.fixture(scope="module")
+def cell(nodes: dict[str, Node]) -> Cell:
+    cells = [node for node in nodes.values() if "cells" in node.groups]
+    if not cells:
+        pytest.skip("no host in the cells group")
+    node = cells[0]
+    pool = json.loads(node.host.file("/etc/cellfleet/worker-pool.json").content_string)
+    port = int(node.variables.get("cell_server_port", 8888))
+    found = Cell(node, port, {entry["uid"]: name for name, entry in pool["workers"].items()}, pool["selinux_context"])
+    # Another suite may have reset every worker (killing the reserve) or restarted the services.
+    node.host.run("systemctl start cellfleet-kernel-provider cellserver")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if node.host.run(f"python3 -c {shlex.quote(POST)} {port} 1").rc == 0:
+            break
+        time.sleep(2)
+    return found
+
+
+def test_both_services_run_and_the_server_is_unprivileged(cell: Cell) -> None:
+    for unit in ("cellfleet-kernel-provider", "cellserver"):
+        assert cell.host.service(unit).is_running, unit
+    assert cell.host.check_output("systemctl show -p User --value cellserver") == "cellserver"
+    assert cell.host.check_output("systemctl show -p Type --value cellserver") == "notify"
+
+
+def test_a_computation_runs_as_a_pooled_worker_in_the_confined_domain(cell: Cell) -> None:
+    code = "import os; print(os.getuid(), os.getgid(), os.getgroups(), open('/proc/self/attr/current').read())"
+    uid, gid, groups, context = cell.stdout(code).split(" ", 3)
+    assert int(uid) in cell.uids
+    assert groups == "[]"
+    assert context.rstrip("\0\n") == cell.context
+    assert int(gid) != 0
+
+
+def test_worker_code_cannot_regain_privileges(cell: Cell) -> None:
+    code = (
+        "import os, subprocess\n"
+        "print(open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])\n"
+        "print(subprocess.run(['sudo', '-n', 'id'], capture_output=True).returncode != 0)\n"
+        "try:\n    os.setuid(0)\nexcept PermissionError:\n    print('refused')\n"
+    )
+    assert cell.stdout(code).split() == ["1", "True", "refused"]
+
+
+def test_a_computation_sees_no_other_process_and_no_network(cell: Cell) -> None:
+    code = (
+        "import os, socket\n"
+        "others = [p for p in os.listdir('/proc') if p.isdigit() and os.stat('/proc/' + p).st_uid != os.getuid()]\n"
+        "print(len(others))\n"
+        "try:\n    socket.create_connection(('127.0.0.1', 22), timeout=3); print('connected')\n"
+        "except OSError:\n    print('blocked')\n"
+    )
+    assert cell.stdout(code).split() == ["0", "blocked"]
+
+
+def test_what_a_computation_leaves_is_gone_after_its_answer(cell: Cell) -> None:
+    # A process that escapes the kernel's process group, and files in every place a worker may write.
+    code = (
+        "import os, subprocess\n"
+        "p = subprocess.Popen(['setsid', 'sleep', '600'])\n"
+        "for path in (os.path.expanduser('~/left-behind'), '/tmp/left-behind', '/dev/shm/left-behind'):\n"
+        "    open(path, 'w').write('x')\n"
+        "print(os.getuid(), p.pid)\n"
+    )
+    uid, pid = cell.stdout(code).split()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = cell.host.run(f"ps -o pid= -u {uid}; nsenter -t $(systemctl show -p MainPID --value "
+                             f"cellfleet-kernel-provider) -m find / -xdev -user {uid} -name left-behind")  # fmt: skip
+        if pid not in left.stdout.split() and "left-behind" not in left.stdout:
+            break
+        time.sleep(1)
+    assert pid not in left.stdout.split(), "the escaped process outlived the answer"
+    assert "left-behind" not in left.stdout, left.stdout
+
+
+def test_a_computation_cannot_read_what_another_left_running(cell: Cell) -> None:
+    holder = (
+        "import os, time\n"
+        "open('/tmp/secret-of-a', 'w').write('a'); open(os.path.expanduser('~/secret-of-a'), 'w').write('a')\n"
+        "time.sleep(8)\n"
+    )
+    thief = (
+        "import glob, os\n"
+        "found = []\n"
+        "for path in glob.glob('/tmp/secret-of-a') + glob.glob('/home/*/secret-of-a'):\n"
+        "    try:\n        found.append(open(path).read())\n"
+        "    except OSError as error:\n        found.append(error.errno)\n"
+        "print(found)\n"
+    )
+    with ThreadPoolExecutor(1) as background:
+        holding = background.submit(cell.compute, holder)
+        time.sleep(3)
+        stolen = cell.stdout(thief)
+        assert holding.result()["status"] == 200
+    # Each worker's /tmp file is private to it (13: permission denied) and homes are closed (nothing found).
+    assert "'a'" not in stolen, stolen
+
+
+def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
+    slots = len(cell.uids)
+    with ThreadPoolExecutor(slots) as background:
+        holders = [background.submit(cell.compute, "import time; time.sleep(12)") for _ in range(slots)]
+        time.sleep(6)
+        refused = cell.compute("print(1)")
+        answers = [holder.result() for holder in holders]
+    assert refused["status"] == 503, refused
+    assert refused["headers"]["Retry-After"].isdigit()
+    assert all(answer["status"] == 200 for answer in answers)
+
+
+def test_the_wall_limit_and_the_memory_limit_hold(cell: Cell) -> None:
+    limit = int(cell.node.variables.get("cell_server_timeout", 30))
+    started = time.monotonic()
+    answer = cell.compute("import time; time.sleep(100000)")
+    assert answer["body"]["execute_reply"]["ename"] == "TimeoutError"
+    assert time.monotonic() - started < limit + 30
+    memory = cell.compute("x = bytearray(8 << 30)")["body"]
+    assert memory["execute_reply"]["ename"] == "MemoryError"
+
+
+def test_the_health_endpoint_runs_a_computation(cell: Cell) -> None:
+    fetch = (
+        f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{cell.port}/health').read().decode())"
+    )
+    output = cell.host.check_output(f"python3 -c {shlex.quote(fetch)}")
+    assert json.loads(output)["healthy"] is True
