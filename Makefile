@@ -138,6 +138,10 @@ bench-permalinks: venv ## Permalink service on this machine: durable writes/s, r
 bench-service: venv ## /service on this machine: print(1+1) at concurrency 1 and 8, fresh kernel each
 	@$(BIN)/python bench/service.py
 
+.PHONY: bench-service-pooled
+bench-service-pooled: venv ## /service on the lab's cell1, kernels as pooled confined workers; after `make up`
+	@$(BIN)/python bench/service_pooled.py $(BENCH_ARGS)
+
 .PHONY: bench-workers
 bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+python, reset); after `make up`
 	@$(BIN)/python bench/worker_pool.py $(BENCH_ARGS)

@@ -4,7 +4,8 @@
 Dependencies are pinned to the versions of the controller's own environment (the ones the tests ran
 with). The wheelhouse is rebuilt in a scratch directory and only files whose bytes differ are replaced,
 so a second run changes nothing; the app's wheel is reproducible (SOURCE_DATE_EPOCH from git).
-Prints one JSON line: {"changed": bool, "wheels": [...], "app_wheel": name}.
+Writes requirements.txt there with every wheel pinned. Prints one JSON line:
+{"changed": bool, "wheels": [...], "app_wheel": name}.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def sync(built: Path, target: Path) -> bool:
     return changed
 
 
+def write_pins(wheelhouse: Path) -> bool:
+    """requirements.txt with every wheel's exact version, so an install matches the wheelhouse exactly."""
+    pins = sorted("==".join(wheel.name.split("-")[:2]) for wheel in wheelhouse.glob("*.whl"))
+    target = wheelhouse / "requirements.txt"
+    text = "".join(f"{pin}\n" for pin in pins)
+    if target.exists() and target.read_text() == text:
+        return False
+    target.write_text(text)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, required=True, help="the app's directory (with pyproject.toml)")
@@ -73,6 +85,7 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(copy / leftover)], check=True)
         build(copy, scratch, args.python, source_date_epoch(args.source))
         changed = sync(scratch / "wheels", args.wheelhouse)
+    changed = write_pins(args.wheelhouse) or changed
     wheels = sorted(wheel.name for wheel in args.wheelhouse.glob("*.whl"))
     app_wheel = next((name for name in wheels if name.startswith(APP_DISTRIBUTION + "-")), "")
     print(json.dumps({"changed": changed, "wheels": wheels, "app_wheel": app_wheel}))

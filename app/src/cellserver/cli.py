@@ -38,6 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     provider.add_argument("--reset-command", default="/usr/local/sbin/cellfleet-worker-reset",
                           help="run with a worker's name after each kernel")  # fmt: skip
     provider.add_argument("--max-processes", type=int, default=128, help="processes per worker (RLIMIT_NPROC)")
+    provider.add_argument("--kernel", choices=["python3", "sage"], default="python3",
+                          help="kernel to fork (sage needs passagemath)")  # fmt: skip
     provider.add_argument("--parent-pid", type=int, help="spawned mode: exit with this process")
     permalink = commands.add_parser("permalink", help="run the permalink service")
     permalink.add_argument("--port", type=int, default=8889, help="TCP port (default 8889)")
@@ -88,6 +90,7 @@ async def run_serve(config: ServerConfig) -> None:
         memory_bytes=config.memory_mb << 20,
         idle_seconds=config.idle_seconds,
         provider_socket=config.provider_socket,
+        kernel=config.kernel,
     )
     pool = KernelPool(settings)
     await pool.start()
@@ -141,7 +144,10 @@ def run_kernel_provider(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.parent_pid is not None:
-        kernel_provider.serve_parent(kernel_provider.ProviderSettings(runtime_dir=args.runtime_dir), args.parent_pid)
+        settings = kernel_provider.ProviderSettings(
+            runtime_dir=args.runtime_dir, kernel_arguments=tuple(kernel_provider.kernel_arguments(args.kernel))
+        )
+        kernel_provider.serve_parent(settings, args.parent_pid)
         return
     if os.geteuid() != 0:
         sys.exit("cellserver kernel-provider: the service mode changes uids and must run as root")
@@ -152,6 +158,7 @@ def run_kernel_provider(args: argparse.Namespace) -> None:
     settings = kernel_provider.ProviderSettings(
         runtime_dir=args.runtime_dir, pool=pool, server_gid=kernel_provider.group_id(args.server_group),
         reset_command=(args.reset_command,), max_processes=args.max_processes,
+        kernel_arguments=tuple(kernel_provider.kernel_arguments(args.kernel)),
     )  # fmt: skip
     kernel_provider.serve_pool(settings, args.socket)
 

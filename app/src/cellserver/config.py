@@ -32,6 +32,8 @@ class ServerConfig:
     syslog_socket: str = "/dev/log"
     # The root kernel provider's socket (pooled workers); empty: kernels run as the current user.
     provider_socket: str = ""
+    # Kernel of a provider this server spawns: python3, or sage (needs passagemath).
+    kernel: str = "python3"
     # The permalink service (http://host:port); empty: permalinks are kept in this process (permalink_db).
     permalink_url: str = ""
     # SQLite file for permalinks kept in this process; empty: in memory, lost at exit.
@@ -82,6 +84,8 @@ def apply(config: ServerConfig, values: dict[str, Any], source: str) -> ServerCo
             checked[name] = check_value(name, value, expected)
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}") from None
+    if checked.get("kernel", "python3") not in ("python3", "sage"):
+        raise ConfigError(f"{source}: kernel must be python3 or sage, got {checked['kernel']!r}")
     url = str(checked.get("permalink_url", ""))
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: permalink_url must start with http:// or https://, got {url!r}")

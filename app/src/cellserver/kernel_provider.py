@@ -34,14 +34,19 @@ import signal
 import socket
 import subprocess
 import sys
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# debugpy (imported by ipykernel) warns on stderr at every start that frozen modules hide breakpoints.
+os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+
 # Imported once here, inherited by every fork: this is the point of the provider.
 from ipykernel.kernelapp import IPKernelApp
 
+from cellserver import systemd
 from cellserver.worker_identity import Worker, WorkerPool, become_worker
 
 # Modules a kernel would otherwise import while it initialises, after the fork, every time (measured:
@@ -67,9 +72,25 @@ KERNEL_ARGUMENTS = [
 ]
 
 
+KERNELS = ("python3", "sage")
+
+
+def kernel_arguments(kernel: str) -> list[str]:
+    """Arguments selecting the kernel; for Sage, its library is imported here, once, before any fork."""
+    if kernel == "python3":
+        return []
+    try:
+        importlib.import_module("sage.all")
+        importlib.import_module("sage.repl.ipython_kernel.kernel")
+    except ImportError as error:
+        raise SystemExit(f"kernel provider: the sage kernel needs passagemath installed ({error})") from None
+    return ["--IPKernelApp.kernel_class=sage.repl.ipython_kernel.kernel.SageKernel"]
+
+
 @dataclass(frozen=True)
 class ProviderSettings:
     runtime_dir: Path
+    kernel_arguments: tuple[str, ...] = ()
     pool: WorkerPool | None = None
     server_gid: int = -1  # the group whose members (the cell server) may connect to pooled kernels
     reset_command: tuple[str, ...] = ("/usr/local/sbin/cellfleet-worker-reset",)
@@ -145,11 +166,26 @@ def run_kernel(
     """In the forked child: shed the provider's files, become the worker, serve the kernel until killed."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
+    # The provider's stderr (the journal) hears why a kernel could not start; it is closed before any user code.
+    report = os.dup(2)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     # The provider's listening socket and client pipes must never reach user code.
-    os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.closerange(3, report)
+    os.closerange(report + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    try:
+        app = prepare_kernel(settings, provider, worker, info, limits)
+    except BaseException:
+        os.write(report, f"kernel provider: a kernel failed to start:\n{traceback.format_exc()}".encode())
+        raise
+    os.close(report)
+    app.start()
+
+
+def prepare_kernel(
+    settings: ProviderSettings, provider: int, worker: Worker | None, info: dict[str, Any], limits: dict[str, int]
+) -> IPKernelApp:
     apply_limits(limits["cpu_seconds"], limits["memory_bytes"], settings.max_processes if worker else 0,
                  settings.open_files if worker else 0)  # fmt: skip
     if worker is not None and settings.pool is not None:
@@ -161,9 +197,9 @@ def run_kernel(
     with os.fdopen(fd, "w") as stream:
         json.dump(info, stream)
     app = IPKernelApp.instance()
-    app.initialize(["-f", str(connection_file), *KERNEL_ARGUMENTS])
+    app.initialize(["-f", str(connection_file), *KERNEL_ARGUMENTS, *settings.kernel_arguments])
     os.umask(0o077)
-    app.start()
+    return app
 
 
 class Provider:
@@ -403,6 +439,7 @@ def serve_pool(settings: ProviderSettings, socket_path: Path) -> None:
         raise SystemExit("kernel provider: no worker could be reset; refusing to run kernels")
     listener = listen(socket_path, settings.server_gid)
     log.info("serving %d workers on %s", len(provider.free_workers), socket_path)
+    systemd.notify("READY=1")  # the cell server's unit starts after this: the socket exists by then
     provider.run_forever(listener)
 
 

@@ -22,6 +22,7 @@ log = logging.getLogger("cellserver.kernels")
 
 
 RUNTIME_PREFIX = "cellserver-kernels-"
+CONNECT_PATIENCE_SECONDS = 30.0
 
 
 def remove_stale_runtime_dirs() -> None:
@@ -47,8 +48,9 @@ class ProviderLink:
     with one, it connects to the root provider service that runs kernels as pooled workers.
     """
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, kernel: str = "python3") -> None:
         self.socket_path = socket_path
+        self.kernel = kernel
         self.process: asyncio.subprocess.Process | None = None
         self.runtime_dir: Path | None = None
         self.workers: int | None = None
@@ -61,13 +63,13 @@ class ProviderLink:
 
     async def open(self) -> None:
         if self.socket_path:
-            reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+            reader, self._writer = await self._connect()
         else:
             remove_stale_runtime_dirs()
             self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-"))
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cellserver", "kernel-provider", "--parent-pid", str(os.getpid()),
-                "--runtime-dir", str(self.runtime_dir), stdin=asyncio.subprocess.PIPE,
+                "--runtime-dir", str(self.runtime_dir), "--kernel", self.kernel, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             assert self.process.stdout and self.process.stdin
@@ -75,6 +77,17 @@ class ProviderLink:
         self._reader_task = asyncio.create_task(self._read_answers(reader))
         hello = await self.request({"op": "hello"})
         self.workers = hello.get("workers")
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The provider service may still be resetting its workers: wait for its socket a little while."""
+        deadline = time.monotonic() + CONNECT_PATIENCE_SECONDS
+        while True:
+            try:
+                return await asyncio.open_unix_connection(self.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def close(self) -> None:
         if self._writer:
@@ -134,6 +147,7 @@ class PoolSettings:
     idle_seconds: float = 900.0
     acquire_wait: float = 2.0
     provider_socket: str = ""  # empty: spawn a provider that runs kernels as the current user
+    kernel: str = "python3"  # which kernel a spawned provider forks (the service's is set in its unit)
 
 
 @dataclass
@@ -161,7 +175,7 @@ class Kernel:
 class KernelPool:
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
-        self.provider = ProviderLink(settings.provider_socket)
+        self.provider = ProviderLink(settings.provider_socket, settings.kernel)
         self.max_kernels = settings.max_kernels
         self._ready: asyncio.Queue[Kernel] = asyncio.Queue()
         self._live = 0  # ready + in use + starting + being released (its worker is not free yet)
