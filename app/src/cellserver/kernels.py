@@ -182,6 +182,7 @@ class KernelPool:
         self._refill_task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
+        self._refilling = 0  # reserve kernels being started right now
 
     @property
     def pooled(self) -> bool:
@@ -208,6 +209,9 @@ class KernelPool:
         """A ready kernel, started now if there is room, or KernelsBusyError after a short wait."""
         deadline = time.monotonic() + self.settings.acquire_wait
         while True:
+            if self._refilling:
+                # Kernels are on their way to the reserve: worth waiting for, the pool is not full of work.
+                deadline = max(deadline, time.monotonic() + self.settings.start_timeout)
             with contextlib.suppress(asyncio.QueueEmpty):
                 kernel = self._ready.get_nowait()
                 self._wakeup.set()
@@ -269,11 +273,13 @@ class KernelPool:
         )
         client = AsyncKernelClient()
         client.load_connection_info(answer["connection"])
-        client.start_channels()
+        # No heartbeat channel: it declares a kernel dead after one silent second, which a busy machine (or an
+        # emulated one) reaches while the kernel is fine. Deaths come from the provider, which reaps the pid.
+        client.start_channels(hb=False)
         died = self.provider.deaths.setdefault(answer["kernel_id"], asyncio.Event())
         kernel = Kernel(answer["kernel_id"], answer["pid"], answer["worker"], client, died)
         try:
-            await client.wait_for_ready(timeout=self.settings.start_timeout)
+            await self._wait_until_ready(kernel)
         except BaseException:
             # The slot stays counted until the provider has released it (and reset its worker).
             self._live += 1
@@ -281,6 +287,16 @@ class KernelPool:
             raise
         kernel.ready_since = time.monotonic()
         return kernel
+
+    async def _wait_until_ready(self, kernel: Kernel) -> None:
+        ready = asyncio.ensure_future(kernel.client.wait_for_ready(timeout=self.settings.start_timeout))
+        died = asyncio.ensure_future(kernel.died.wait())
+        await asyncio.wait({ready, died}, return_when=asyncio.FIRST_COMPLETED)
+        died.cancel()
+        if not ready.done():
+            ready.cancel()
+            raise RuntimeError("the kernel exited while it started")
+        ready.result()
 
     async def _refill_forever(self) -> None:
         """Keep the preforked reserve full and replace kernels idle for too long."""
@@ -295,7 +311,11 @@ class KernelPool:
                 if wanted <= 0:
                     break
                 # Started side by side: most of a start is waiting for the new kernel to answer.
-                started = await asyncio.gather(*(self._launch() for _ in range(wanted)), return_exceptions=True)
+                self._refilling += wanted
+                try:
+                    started = await asyncio.gather(*(self._launch() for _ in range(wanted)), return_exceptions=True)
+                finally:
+                    self._refilling -= wanted
                 for result in started:
                     if isinstance(result, Kernel):
                         self._ready.put_nowait(result)
