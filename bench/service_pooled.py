@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "service_pooled.json"
@@ -60,34 +62,61 @@ def percentile(values: list[float], share: float) -> float:
     return values[min(len(values) - 1, int(share * len(values)))] if values else float("nan")
 
 
+UNPOOLED_PORT = 8899
+UNPOOLED_UNIT = "cellfleet-bench-unpooled"
+UNPOOLED_START = (
+    f"systemd-run --unit={UNPOOLED_UNIT} -p User=cellserver -p Type=notify "
+    f"/opt/cellserver/venv/bin/cellserver serve --port {UNPOOLED_PORT} --max-kernels 8 --preforked 2 && sleep 5"
+)
+UNPOOLED_STOP = (
+    "systemctl stop cellfleet-bench-unpooled; systemctl reset-failed cellfleet-bench-unpooled 2>/dev/null; true"
+)
+
+
+def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, float]]:
+    remote_load = f"python3 -c {shlex.quote(LOAD)}"
+    ssh(address, remote_load, str(port), "1", "5")  # warm-up: the preforked reserve fills
+    results: dict[str, dict[str, float]] = {}
+    for concurrency in (1, 8):
+        run = json.loads(ssh(address, remote_load, str(port), str(concurrency), str(seconds)))
+        latencies = run["latencies"]
+        results[f"concurrency {concurrency}"] = {
+            "per_second": len(latencies) / seconds,
+            "p50_ms": percentile(latencies, 0.5) * 1000,
+            "p90_ms": percentile(latencies, 0.9) * 1000,
+            "failures": run["failures"],
+        }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="10.77.0.12", help="the cell (default: the lab's cell1)")
     parser.add_argument("--port", type=int, default=8888)
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
-    remote_load = f"python3 -c {json.dumps(LOAD)}"
-    ssh(args.address, remote_load, str(args.port), "1", "5")  # warm-up: the preforked reserve fills
-    results: dict[str, dict[str, float]] = {}
-    for concurrency in (1, 8):
-        run = json.loads(ssh(args.address, remote_load, str(args.port), str(concurrency), str(args.seconds)))
-        latencies = run["latencies"]
-        results[f"concurrency {concurrency}"] = {
-            "per_second": len(latencies) / args.seconds,
-            "p50_ms": percentile(latencies, 0.5) * 1000,
-            "p90_ms": percentile(latencies, 0.9) * 1000,
-            "failures": run["failures"],
-        }
+    results: dict[str, Any] = {}
+    results["pooled"] = measure(args.address, args.port, args.seconds)
+    # The same server code on the same cell with no pool (kernels as the server's account, no reset):
+    # the difference is what confinement costs.
+    ssh(args.address, UNPOOLED_STOP)
+    ssh(args.address, UNPOOLED_START)
+    try:
+        results["unpooled"] = measure(args.address, UNPOOLED_PORT, args.seconds)
+    finally:
+        ssh(args.address, UNPOOLED_STOP)
     # The reset is measured on a worker the server is not using at that moment only if the pool is larger
     # than the load; here it runs beside an idle server (its reserve holds two workers).
     resets = [float(ssh(args.address, RESET_TIMING)) for _ in range(3)]
     results["worker reset"] = {"median_s": sorted(resets)[1]}
-    print(f"/service print(1+1) on {args.address}: fresh kernel as a pooled worker each, {args.seconds:g} s per load")
-    print(f"{'load':16} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7}")
-    for name, numbers in results.items():
-        if name.startswith("concurrency"):
-            print(f"{name:16} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} {numbers['p90_ms']:8.0f} "
-                  f"{numbers['failures']:7.0f}")  # fmt: skip
+    print("pooled: each kernel runs as an unused worker (uid, SELinux user_t) and its worker is reset after it;")
+    print("unpooled: the same server with kernels as its own account and no reset (the laptop mode).")
+    print(f"/service print(1+1) on {args.address}: a fresh kernel each, {args.seconds:g} s per load")
+    print(f"{'mode':10} {'load':16} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7}")
+    for mode in ("pooled", "unpooled"):
+        for name, numbers in results[mode].items():
+            print(f"{mode:10} {name:16} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} "
+                  f"{numbers['p90_ms']:8.0f} {numbers['failures']:7.0f}")  # fmt: skip
     print(f"worker reset (cellfleet-worker-reset, median of 3): {results['worker reset']['median_s']:.2f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
