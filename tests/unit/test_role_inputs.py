@@ -57,6 +57,11 @@ BAD_INPUT = [
     ("tmp_cleanup", {"tmp_cleanup_extra_directories": ["/"]}, "absolute paths other than /"),
     ("selinux", {"selinux_state": "disabled"}, "selinux_state must be one of: enforcing, permissive"),
     ("base", {"base_ssh_port": 70000}, "SSH"),
+    ("cell_server", {"cell_server_preforked": 9, "cell_server_max_kernels": 8}, "must not exceed max_kernels (8)"),
+    ("cell_server", {"cell_server_port": 0}, "the port must be 1-65535 (got 0)"),
+    ("cell_server", {"cell_server_kernel": "julia"}, "cell_server_kernel must be one of: python3, sage"),
+    ("cell_server", {"cell_server_kernel_runtime_dir": "/var/kernels"}, "must be under /run"),
+    ("cell_server", {"cell_server_memory_mb": "lots"}, "cell_server_memory_mb"),
 ]
 
 
@@ -70,7 +75,7 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path: Path, role: str, va
     assert "changed=0" in result.stdout
 
 
-@pytest.mark.parametrize("role", ["worker_pool", "tmp_cleanup", "selinux", "base"])
+@pytest.mark.parametrize("role", ["worker_pool", "tmp_cleanup", "selinux", "base", "cell_server"])
 def test_default_input_passes_validation(tmp_path: Path, role: str) -> None:
     result = run_role(tmp_path, role, {})
     assert result.returncode == 0, result.stdout[-3000:]
