@@ -69,17 +69,27 @@ def test_zip_tolerates_dropped_padding() -> None:
         assert unzip_text(zip_text(text).rstrip("=")) == text
 
 
-def test_acknowledged_permalinks_survive_kill_9(service: Service) -> None:
+def make_permalinks(service: Service, count: int) -> dict[str, str]:
+    """count acknowledged permalinks: id -> code."""
     idents = {}
-    for number in range(40):
+    for number in range(count):
         status, _headers, body = service.request("POST", "/permalink", {"code": f"print({number})"})
         assert status == 200
         idents[json.loads(body)["query"]] = f"print({number})"
-    service.kill_hard()
-    service.start()
+    return idents
+
+
+def assert_every_permalink_reads_back(service: Service, idents: dict[str, str]) -> None:
     for ident, code in idents.items():
         status, _headers, body = service.request("GET", f"/permalink?q={ident}")
         assert status == 200 and json.loads(body)[0] == code
+
+
+def test_acknowledged_permalinks_survive_kill_9(service: Service) -> None:
+    idents = make_permalinks(service, 40)
+    service.kill_hard()
+    service.start()
+    assert_every_permalink_reads_back(service, idents)
 
 
 def test_acknowledged_permalinks_survive_kill_9_of_postgresql(postgres: Postgres, tmp_path: Path) -> None:
@@ -87,16 +97,10 @@ def test_acknowledged_permalinks_survive_kill_9_of_postgresql(postgres: Postgres
                       postgres.conninfo))  # fmt: skip
     service.start()
     try:
-        idents = {}
-        for number in range(40):
-            status, _headers, body = service.request("POST", "/permalink", {"code": f"print({number})"})
-            assert status == 200
-            idents[json.loads(body)["query"]] = f"print({number})"
+        idents = make_permalinks(service, 40)
         postgres.kill_hard()
         postgres.start()
         # The service was not restarted: it reconnects on its own.
-        for ident, code in idents.items():
-            status, _headers, body = service.request("GET", f"/permalink?q={ident}")
-            assert status == 200 and json.loads(body)[0] == code
+        assert_every_permalink_reads_back(service, idents)
     finally:
         service.stop()

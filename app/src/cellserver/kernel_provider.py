@@ -207,8 +207,8 @@ class Provider:
         self.settings = settings
         self.kernels: dict[str, KernelRecord] = {}
         self.free_workers: list[Worker] = list(settings.pool.workers) if settings.pool else []
-        self.resets: dict[int, KernelRecord] = {}  # reset process pid -> the kernel whose worker it cleans
-        self.reset_processes: dict[int, subprocess.Popen[bytes]] = {}
+        # reset process pid -> (the kernel whose worker it cleans, the process)
+        self.resets: dict[int, tuple[KernelRecord, subprocess.Popen[bytes]]] = {}
         self.selector = selectors.DefaultSelector()
         self.wakeup_reader, wakeup_writer = os.pipe()
         os.set_blocking(self.wakeup_reader, False)
@@ -327,10 +327,8 @@ class Provider:
         # A worker kernel may have left processes outside its group and files anywhere it can write:
         # the pool's reset tool finds them by uid. The worker serves again only after it succeeded.
         record.release_id = answer_to or (None, None)
-        reset = subprocess.Popen([*self.settings.reset_command, record.worker.name], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-        self.resets[reset.pid] = record
-        self.reset_processes[reset.pid] = reset
+        reset = start_reset(self.settings, record.worker)
+        self.resets[reset.pid] = (record, reset)
         return answer_to is not None
 
     def forget(self, record: KernelRecord) -> None:
@@ -346,9 +344,9 @@ class Provider:
                 return
             if pid == 0:
                 return
-            record = self.resets.pop(pid, None)
-            if record is not None:
-                self.finish_reset(record, self.reset_processes.pop(pid), os.waitstatus_to_exitcode(status))
+            resetting = self.resets.pop(pid, None)
+            if resetting is not None:
+                self.finish_reset(*resetting, os.waitstatus_to_exitcode(status))
                 continue
             kernel = next((k for k in self.kernels.values() if k.pid == pid and k.release_id is None), None)
             if kernel is not None:
@@ -398,12 +396,16 @@ class Provider:
                         return  # the server that spawned this provider is gone
 
 
+def start_reset(settings: ProviderSettings, worker: Worker) -> subprocess.Popen[bytes]:
+    """The pool's reset tool on one worker; its stderr says why when it fails."""
+    return subprocess.Popen([*settings.reset_command, worker.name], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+
 def reset_every_worker(settings: ProviderSettings) -> list[Worker]:
     """At start, workers may hold what a killed provider left: reset them all, keep those that came clean."""
     assert settings.pool is not None
-    resets = {worker: subprocess.Popen([*settings.reset_command, worker.name], stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-              for worker in settings.pool.workers}  # fmt: skip
+    resets = {worker: start_reset(settings, worker) for worker in settings.pool.workers}
     clean = []
     for worker, reset in resets.items():
         _out, error = reset.communicate()
