@@ -42,6 +42,7 @@ class Recipe:
     disk_size: str
     packages: list[str]
     enable_units: list[str]
+    disable_units: list[str]
     mask_units: list[str]
     files_dir: Path
     key: str
@@ -91,6 +92,7 @@ def load_recipe(image_dir: Path, roles_dir: Path) -> Recipe:
         packages=packages,
         enable_units=list(spec.get("enable_units", [])),
         mask_units=list(spec.get("mask_units", [])),
+        disable_units=list(spec.get("disable_units", [])),
         files_dir=image_dir / "files",
         key=digest.hexdigest()[:16],
     )
@@ -174,6 +176,8 @@ def configure(recipe: Recipe, root: Path) -> None:
         chroot(root, "systemctl", "enable", "--quiet", unit)
     for unit in recipe.mask_units:
         chroot(root, "systemctl", "mask", "--quiet", unit)
+    for unit in recipe.disable_units:
+        chroot(root, "systemctl", "disable", "--quiet", unit)
     chroot(root, "apt-get", "clean")
     log("rebuilding the initrd with the quota modules")
     chroot(root, "update-initramfs", "-u", "-k", "all")

@@ -104,3 +104,9 @@ def test_acknowledged_permalinks_survive_kill_9_of_postgresql(postgres: Postgres
         assert_every_permalink_reads_back(service, idents)
     finally:
         service.stop()
+
+
+def test_health_reads_the_store(service: Service) -> None:
+    status, headers, body = service.request("GET", "/health")
+    assert status == 200 and json.loads(body) == {"healthy": True}
+    assert headers["Cache-Control"] == "no-store"

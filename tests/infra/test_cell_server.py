@@ -198,3 +198,58 @@ def test_the_health_endpoint_runs_a_computation(cell: Cell) -> None:
     )
     output = cell.host.check_output(f"python3 -c {shlex.quote(fetch)}")
     assert json.loads(output)["healthy"] is True
+
+
+def main_pid(cell: Cell, unit: str) -> int:
+    return int(cell.host.check_output(f"systemctl show -p MainPID --value {unit}"))
+
+
+def seconds_until_healthy(cell: Cell, old_pid: int, limit: float) -> float:
+    """Poll /health until a new server process answers 200; the seconds it took."""
+    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=10)"
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        pid = main_pid(cell, "cellserver")
+        if pid not in (0, old_pid) and cell.host.run(f"python3 -c {shlex.quote(probe)}").rc == 0:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    return float("inf")
+
+
+def test_a_killed_server_is_back_and_healthy_within_seconds(cell: Cell) -> None:
+    old = main_pid(cell, "cellserver")
+    cell.host.run_test(f"kill -9 {old}")
+    took = seconds_until_healthy(cell, old, 60)
+    print(f"kill -9: healthy again after {took:.1f} s")
+    # 5 s is the issue's target on real hardware; the emulated lab is several times slower.
+    assert took < 30
+
+
+def test_a_frozen_server_is_restarted_by_the_watchdog(cell: Cell) -> None:
+    watchdog = int(cell.node.variables.get("cell_server_watchdog_seconds", 10))
+    old = main_pid(cell, "cellserver")
+    cell.host.run_test(f"kill -STOP {old}")
+    try:
+        took = seconds_until_healthy(cell, old, watchdog + 60)
+    finally:
+        cell.host.run(f"kill -CONT {old} 2>/dev/null")
+    print(f"SIGSTOP: healthy again after {took:.1f} s (WatchdogSec={watchdog})")
+    assert took < watchdog + 30
+    assert "watchdog timeout" in cell.host.check_output("journalctl -u cellserver --since -3min --no-pager").lower()
+
+
+def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) -> None:
+    # The port still answers, but no kernel can start: the provider is frozen.
+    assert cell.host.service("cellfleet-cell-health.timer").is_running
+    provider = main_pid(cell, "cellfleet-kernel-provider")
+    server = main_pid(cell, "cellserver")
+    cell.host.run_test(f"kill -STOP {provider}")
+    try:
+        check = cell.host.run("systemctl start cellfleet-cell-health.service")
+    finally:
+        cell.host.run(f"kill -CONT {provider}")
+    assert check.rc != 0
+    log = cell.host.check_output("journalctl -u cellfleet-cell-health --since '-5min' --no-pager")
+    assert "restarting cellserver.service" in log and "failed" in log
+    assert main_pid(cell, "cellserver") != server
+    assert seconds_until_healthy(cell, server, 120) < 120

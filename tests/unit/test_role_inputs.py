@@ -62,6 +62,13 @@ BAD_INPUT = [
     ("cell_server", {"cell_server_kernel": "julia"}, "cell_server_kernel must be one of: python3, sage"),
     ("cell_server", {"cell_server_kernel_runtime_dir": "/var/kernels"}, "must be under /run"),
     ("cell_server", {"cell_server_memory_mb": "lots"}, "cell_server_memory_mb"),
+    ("haproxy", {"haproxy_rate_limit_per_ip": 50, "haproxy_rate_limit_total": 10}, "the total at least the per-IP"),
+    ("haproxy", {"haproxy_check_fall": 0}, "fall and rise at"),
+    ("nginx", {"nginx_upstream": "localhost"}, "the upstream must be host:port (got localhost)"),
+    ("nginx", {"nginx_static_root": "static"}, "the static root an absolute path"),
+    ("permalink_db", {"permalink_db_backend": "mysql"}, "permalink_db_backend must be one of: postgresql, sqlite"),
+    ("permalink_db", {"permalink_db_name": "Perma-Links"}, "plain lowercase identifier (got Perma-Links)"),
+    ("permalink_db", {"permalink_db_backup_keep": 0}, "keep at least 1 backup"),
 ]
 
 
@@ -75,7 +82,9 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path: Path, role: str, va
     assert "changed=0" in result.stdout
 
 
-@pytest.mark.parametrize("role", ["worker_pool", "tmp_cleanup", "selinux", "base", "cell_server"])
+@pytest.mark.parametrize(
+    "role", ["worker_pool", "tmp_cleanup", "selinux", "base", "cell_server", "nginx", "permalink_db"]
+)
 def test_default_input_passes_validation(tmp_path: Path, role: str) -> None:
     result = run_role(tmp_path, role, {})
     assert result.returncode == 0, result.stdout[-3000:]

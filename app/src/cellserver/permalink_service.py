@@ -14,7 +14,7 @@ from typing import Any
 
 import tornado.web
 
-from cellserver.handlers import PublicAPIHandler
+from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
 from cellserver.permalinks import ID_ALPHABET, ID_LENGTH, Permalink, PermalinkStore, zip_text
 
 MAX_INTERACTS_CHARS = 65_000
@@ -69,10 +69,30 @@ class PermalinkHandler(PublicAPIHandler):
         return None
 
 
+class PermalinkHealthHandler(JSONErrorHandler):
+    """For the load balancer: healthy means the store answered a lookup just now."""
+
+    def initialize(self, store: PermalinkStore, executor: ThreadPoolExecutor) -> None:
+        self.store = store
+        self.executor = executor
+
+    async def get(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.store.get, "health")
+        except Exception as error:  # any failure of the store is an unhealthy answer, never a crash
+            self.fail(503, f"the permalink store failed: {type(error).__name__}")
+            return
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps({"healthy": True}))
+
+
 def permalink_routes(store: PermalinkStore, paths: tuple[str, ...] = ("/", "/permalink")) -> list[Any]:
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="permalink-store")
     return [(path, PermalinkHandler, {"store": store, "executor": executor}) for path in paths]
 
 
 def make_app(store: PermalinkStore) -> tornado.web.Application:
-    return tornado.web.Application(permalink_routes(store))
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="permalink-health")
+    health = (r"/health", PermalinkHealthHandler, {"store": store, "executor": executor})
+    return tornado.web.Application([*permalink_routes(store), health])

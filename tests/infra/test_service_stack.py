@@ -1,0 +1,150 @@
+"""The cluster serves through its load balancer: TLS, redirects, permalinks shared by the cells, and rate
+limits per client and in total, separately for computations and permalinks.
+
+Clients are the lab's own VMs (each has its own address, so per-client limits can be told apart); they run
+python3 against the load balancer's address inside the lab network.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import Node
+
+CLIENT = r"""
+import json, ssl, sys, urllib.error, urllib.parse, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+url, method, fields, count = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+context = ssl._create_unverified_context()
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=context))
+def one(_):
+    data = urllib.parse.urlencode(fields).encode() if method == "POST" else None
+    try:
+        with opener.open(urllib.request.Request(url, data=data, method=method), timeout=120) as answer:
+            return answer.status, dict(answer.headers), answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode()
+with ThreadPoolExecutor(count) as pool:
+    print(json.dumps(list(pool.map(one, range(count)))))
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(nodes: dict[str, Node]) -> dict[str, Node]:
+    needed = {"loadbalancers", "cells", "permalink_db"}
+    groups = {group for node in nodes.values() for group in node.groups}
+    if not needed <= groups:
+        pytest.skip(f"needs hosts in {sorted(needed)}")
+    return nodes
+
+
+def load_balancer(lab: dict[str, Node]) -> Node:
+    return next(node for node in lab.values() if "loadbalancers" in node.groups)
+
+
+def cells(lab: dict[str, Node]) -> list[Node]:
+    return sorted((node for node in lab.values() if "cells" in node.groups), key=lambda node: node.name)
+
+
+def send(client: Node, url: str, method: str = "GET", fields: dict | None = None, count: int = 1) -> list:
+    command = (
+        f"python3 -c {shlex.quote(CLIENT)} {shlex.quote(url)} {method} {shlex.quote(json.dumps(fields or {}))} {count}"
+    )
+    return json.loads(client.host.check_output(command))
+
+
+def wait_for_rate_window() -> None:
+    time.sleep(11)  # the limits count requests over the last 10 s
+
+
+def test_a_computation_through_the_load_balancer(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    [(status, headers, body)] = send(cells(lab)[0], f"https://{lb.address}/service", "POST", {"code": "print(6*7)"})
+    assert status == 200, body
+    assert json.loads(body)["stdout"] == "42\n"
+    assert headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def test_plain_http_is_redirected_to_https(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    [(status, headers, _body)] = send(cells(lab)[0], f"http://{lb.address}/service?x=1")
+    assert status == 301
+    assert headers["location"].startswith(f"https://{lb.address}/service")
+
+
+def test_a_permalink_made_through_the_load_balancer_opens_on_every_cell(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    code = f"print('permalink {time.time()}')"
+    [(status, _headers, body)] = send(cells(lab)[0], f"https://{lb.address}/permalink", "POST", {"code": code})
+    assert status == 200, body
+    ident = json.loads(body)["query"]
+    for cell in cells(lab):
+        # Straight at each cell's nginx, from the load balancer (the only host the cells let in on port 80).
+        [(status, _headers, page)] = send(lb, f"http://{cell.address}/?q={ident}")
+        assert status == 200 and json.dumps(code)[1:-1] in page, cell.name
+    [(status, _headers, body)] = send(cells(lab)[1], f"https://{lb.address}/permalink?q={ident}")
+    assert status == 200 and json.loads(body)[0] == code
+
+
+def test_static_assets_come_from_nginx_with_long_caching(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    [(status, _headers, page)] = send(cells(lab)[0], f"https://{lb.address}/")
+    assert status == 200
+    script = page.split('src="', 2)[1].split('"')[0]
+    [(status, headers, body)] = send(cells(lab)[0], f"https://{lb.address}{script}")
+    assert status == 200 and "addEventListener" in body
+    assert "immutable" in headers.get("Cache-Control", "")
+    assert headers.get("Server", "").startswith("nginx") or "Server" not in headers
+
+
+def statuses(answers: list) -> list[int]:
+    return [status for status, _headers, _body in answers]
+
+
+def test_a_flooding_client_gets_429_while_another_is_served(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    flooder, other = cells(lab)
+    limit = int(lb.variables.get("haproxy_rate_limit_per_ip", 100))
+    wait_for_rate_window()
+    flood = statuses(send(flooder, f"https://{lb.address}/service", "POST", {"code": "1"}, limit * 3))
+    assert flood.count(429) >= limit, flood
+    assert flood.count(200) <= limit, flood
+    served = statuses(send(other, f"https://{lb.address}/service", "POST", {"code": "1"}, 2))
+    assert served == [200, 200]
+    # Computations and permalinks are counted apart: the flooder may still fetch a permalink.
+    [(status, _headers, _body)] = send(flooder, f"https://{lb.address}/permalink?q=aaaaaa")
+    assert status in (200, 404)
+
+
+def test_the_total_limit_holds_across_clients(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    per_ip = int(lb.variables.get("haproxy_rate_limit_per_ip", 100))
+    total = int(lb.variables.get("haproxy_rate_limit_total", 1000))
+    clients = [node for node in lab.values() if "loadbalancers" not in node.groups]
+    if per_ip * len(clients) <= total:
+        pytest.skip("the clients cannot exceed the total limit while each stays under its own")
+    wait_for_rate_window()
+    # Every client at once, each staying within its own limit.
+    with ThreadPoolExecutor(len(clients)) as background:
+        batches = background.map(
+            lambda client: send(client, f"https://{lb.address}/service", "POST", {"code": "1"}, per_ip), clients
+        )
+        answers = [status for batch in batches for status in statuses(batch)]
+    assert answers.count(429) >= len(answers) - total, answers
+    assert answers.count(429) > 0
+
+
+def test_the_stats_page_is_local_only(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    assert lb.host.socket("tcp://127.0.0.1:8404").is_listening
+    assert not lb.host.socket(f"tcp://{lb.address}:8404").is_listening
+    state = lb.host.check_output("echo 'show servers state cells' | socat stdio unix-connect:/run/haproxy/admin.sock")
+    assert all(cell.name in state for cell in cells(lab))
