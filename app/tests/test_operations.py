@@ -71,3 +71,17 @@ def test_systemd_hears_ready_and_watchdog_pings(tmp_path: Path, datagram_sink: t
         server.stop()
     assert received[0] == "READY=1"
     assert received.count("WATCHDOG=1") >= 3
+
+
+def test_health_probes_share_one_recent_computation(tmp_path: Path) -> None:
+    # No reserve: every computation waits for a kernel start, so ten unshared probes would take seconds.
+    server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "0")
+    server.start()
+    try:
+        assert server.request("GET", "/health")[0] == 200
+        started = time.monotonic()
+        for _ in range(10):
+            assert server.request("GET", "/health")[0] == 200
+        assert time.monotonic() - started < 1.0, "each probe ran its own computation"
+    finally:
+        server.stop()

@@ -183,3 +183,15 @@ def test_the_server_exits_when_its_kernel_provider_dies(compute: Service) -> Non
     provider = min(descendants(compute.process.pid))
     os.kill(provider, signal.SIGKILL)
     assert compute.process.wait(timeout=10) != 0
+
+
+def test_a_slot_freed_by_a_release_serves_the_next_request(tmp_path: Path) -> None:
+    # No reserve: nothing enters the ready queue, the next request must notice the freed slot itself.
+    server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "0")
+    server.start()
+    try:
+        for number in range(3):
+            status, _headers, answer = run(server, f"print({number})")
+            assert status == 200 and answer["stdout"] == f"{number}\n"
+    finally:
+        server.stop()

@@ -99,7 +99,8 @@ async def run_serve(config: ServerConfig) -> None:
         from cellserver.permalinks import SQLiteStore
 
         store = SQLiteStore(Path(config.permalink_db or ":memory:"))
-    make_app(pool, config.timeout, config.permalink_url, store).listen(config.port, address=config.bind)
+    app = make_app(pool, config.timeout, config.permalink_url, store, config.health_max_age)
+    app.listen(config.port, address=config.bind)
     systemd.notify("READY=1")
     interval = systemd.watchdog_interval()
     watchdog = asyncio.create_task(systemd.keep_watchdog_fed(interval)) if interval else None

@@ -30,6 +30,8 @@ class ServerConfig:
     cpu_seconds: int = 30
     memory_mb: int = 2048
     syslog_socket: str = "/dev/log"
+    # /health answers from a computation at most this many seconds old (load balancers probe every second).
+    health_max_age: float = 5.0
     # The root kernel provider's socket (pooled workers); empty: kernels run as the current user.
     provider_socket: str = ""
     # Kernel of a provider this server spawns: python3, or sage (needs passagemath).
@@ -49,6 +51,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "idle_seconds": (1, 86400),
     "cpu_seconds": (1, 86400),
     "memory_mb": (64, 1 << 20),
+    "health_max_age": (0, 300),
 }
 
 

@@ -23,6 +23,7 @@ log = logging.getLogger("cellserver.kernels")
 
 RUNTIME_PREFIX = "cellserver-kernels-"
 CONNECT_PATIENCE_SECONDS = 30.0
+SLOT_POLL_SECONDS = 0.05
 
 
 def remove_stale_runtime_dirs() -> None:
@@ -233,9 +234,10 @@ class KernelPool:
             if remaining <= 0:
                 raise KernelsBusyError()
             try:
-                kernel = await asyncio.wait_for(self._ready.get(), timeout=remaining)
+                # Short waits: a slot freed by a release (no reserve kernel comes of it) is seen soon too.
+                kernel = await asyncio.wait_for(self._ready.get(), timeout=min(remaining, SLOT_POLL_SECONDS))
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11 (EL9)
-                raise KernelsBusyError() from None
+                continue
             self._wakeup.set()
             if not kernel.alive():
                 self.release(kernel)

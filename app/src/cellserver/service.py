@@ -93,33 +93,66 @@ class ServiceHandler(PublicAPIHandler):
         self.finish(json.dumps(answer, default=str))
 
 
-class HealthHandler(JSONErrorHandler):
-    """For the load balancer: healthy means a computation ran and printed the right answer just now."""
+class HealthProbe:
+    """One real computation, shared: load balancers probe every second, a kernel per probe would be a load
+    of its own. A result younger than max_age answers; concurrent probes wait for the same computation."""
 
-    def initialize(self, pool: KernelPool) -> None:
+    def __init__(self, pool: KernelPool, max_age: float) -> None:
         self.pool = pool
+        self.max_age = max_age
+        self._last: tuple[float, str | None] | None = None  # (finished at, failure or None)
+        self._running: asyncio.Future[str | None] | None = None
 
-    async def get(self) -> None:
-        started = time.monotonic()
+    async def failure(self) -> str | None:
+        """None when a computation printed 42 within max_age seconds, otherwise why it did not."""
+        if self._last and time.monotonic() - self._last[0] < self.max_age:
+            return self._last[1]
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._compute())
+        running = self._running
+        try:
+            return await asyncio.shield(running)
+        finally:
+            if running.done() and self._running is running:
+                self._running = None
+
+    async def _compute(self) -> str | None:
         try:
             kernel = await self.pool.acquire()
         except KernelsBusyError:
-            self.fail(503, "no kernel available", {"Retry-After": str(RETRY_AFTER_SECONDS)})
-            return
-        try:
-            answer = await execute(kernel, "print(6 * 7)", {}, HEALTH_TIMEOUT_SECONDS)
-        finally:
-            self.pool.release(kernel)
-        if answer["stdout"] != "42\n":
-            self.fail(503, f"the health computation answered {answer['stdout']!r}")
+            result: str | None = "no kernel available"
+        else:
+            try:
+                answer = await execute(kernel, "print(6 * 7)", {}, HEALTH_TIMEOUT_SECONDS)
+            finally:
+                self.pool.release(kernel)
+            result = None if answer["stdout"] == "42\n" else f"the health computation answered {answer['stdout']!r}"
+        self._last = (time.monotonic(), result)
+        return result
+
+
+class HealthHandler(JSONErrorHandler):
+    """For the load balancer: healthy means a computation printed the right answer within the last seconds."""
+
+    def initialize(self, probe: HealthProbe) -> None:
+        self.probe = probe
+
+    async def get(self) -> None:
+        failure = await self.probe.failure()
+        if failure is not None:
+            self.fail(503, failure, {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps({"healthy": True, "seconds": round(time.monotonic() - started, 3)}))
+        self.finish(json.dumps({"healthy": True}))
 
 
 def make_app(
-    pool: KernelPool, timeout: float, permalink_url: str = "", permalink_store: PermalinkStore | None = None
+    pool: KernelPool,
+    timeout: float,
+    permalink_url: str = "",
+    permalink_store: PermalinkStore | None = None,
+    health_max_age: float = 5.0,
 ) -> tornado.web.Application:
     """The compute server's routes. Permalinks go to the permalink service at permalink_url, or, with no
     URL (a laptop), to permalink_store in this process."""
@@ -137,7 +170,7 @@ def make_app(
         [
             (r"/", page.CellPageHandler, {"permalinks": source}),
             (r"/service", ServiceHandler, {"pool": pool, "timeout": timeout}),
-            (r"/health", HealthHandler, {"pool": pool}),
+            (r"/health", HealthHandler, {"probe": HealthProbe(pool, health_max_age)}),
             *permalinks,
         ],
         static_path=str(page.STATIC_DIR),
