@@ -239,11 +239,14 @@ def test_a_frozen_server_is_restarted_by_the_watchdog(cell: Cell) -> None:
 
 
 def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) -> None:
-    # The port still answers, but no kernel can start: the provider is frozen.
+    # The port still answers, but no computation can run: the provider is frozen and the reserve kernels
+    # are killed behind its back (it cannot reap them nor tell the server).
     assert cell.host.service("cellfleet-cell-health.timer").is_running
     provider = main_pid(cell, "cellfleet-kernel-provider")
     server = main_pid(cell, "cellserver")
     cell.host.run_test(f"kill -STOP {provider}")
+    for uid in cell.uids:
+        cell.host.run(f"pkill -KILL -U {uid}")
     try:
         check = cell.host.run("systemctl start cellfleet-cell-health.service")
     finally:
