@@ -45,7 +45,8 @@ def pool(nodes: dict[str, Node]) -> Iterator[Pool]:
     config = json.loads(node.host.file("/etc/cellfleet/worker-pool.json").content_string)
     workers = sorted(config["workers"])
     # The cell server's kernels hold workers too: this suite attacks and resets the pool on its own.
-    node.host.run("systemctl stop cellserver cellfleet-kernel-provider")
+    # Its health timer would restart them (and the provider resets every worker when it starts).
+    node.host.run("systemctl stop cellfleet-cell-health.timer cellserver cellfleet-kernel-provider")
     yield Pool(
         node=node,
         workers=workers,
@@ -54,7 +55,7 @@ def pool(nodes: dict[str, Node]) -> Iterator[Pool]:
         context=config["selinux_context"],
         immutable=config["immutable"],
     )
-    node.host.run("systemctl start cellfleet-kernel-provider cellserver")
+    node.host.run("systemctl start cellfleet-kernel-provider cellserver cellfleet-cell-health.timer")
 
 
 def as_launcher(command: str) -> str:
