@@ -142,6 +142,10 @@ bench-service: venv ## /service on this machine: print(1+1) at concurrency 1 and
 bench-service-pooled: venv ## /service on the lab's cell1, kernels as pooled confined workers; after `make up`
 	@$(BIN)/python bench/service_pooled.py $(BENCH_ARGS)
 
+.PHONY: bench-stack
+bench-stack: venv ## Computations and permalink reads through HAProxy+TLS beside direct, on the lab; after `make up`
+	@$(BIN)/python bench/stack.py $(BENCH_ARGS)
+
 .PHONY: unit-security
 unit-security: venv ## systemd-analyze security exposure of each cellfleet service on the lab; after `make up`
 	@$(BIN)/python bench/unit_security.py

@@ -112,3 +112,40 @@ def reachability(nodes: dict[str, Node], listeners: None) -> dict[tuple[str, str
                 for port in (22, *PROBE_PORTS):
                     matrix[(source.name, target.name, port)] = statuses[(target.address, port)]
     return matrix
+
+
+MESH_INTERFACE = "wg0"
+
+
+def mesh_address(node: Node) -> str | None:
+    """The node's address on the WireGuard mesh, read from the interface itself; None off the mesh."""
+    result = node.host.run(f"ip -o -4 addr show dev {MESH_INTERFACE}")
+    if result.rc != 0 or not result.stdout.strip():
+        return None
+    return result.stdout.split()[3].split("/")[0]
+
+
+@pytest.fixture(scope="session")
+def mesh_addresses(nodes: dict[str, Node]) -> dict[str, str]:
+    """Mesh address of every node; the suites that need the mesh skip when a node is not on it."""
+    addresses = {name: mesh_address(node) for name, node in nodes.items()}
+    missing = sorted(name for name, address in addresses.items() if address is None)
+    if missing:
+        pytest.skip(f"not on the {MESH_INTERFACE} mesh: {', '.join(missing)}")
+    return {name: address for name, address in addresses.items() if address}
+
+
+@pytest.fixture(scope="session")
+def mesh_reachability(
+    nodes: dict[str, Node], mesh_addresses: dict[str, str], listeners: None
+) -> dict[tuple[str, str, int], int]:
+    """Probe status of (source, target, port) for every ordered pair of nodes, over the mesh."""
+    matrix: dict[tuple[str, str, int], int] = {}
+    for source in nodes.values():
+        targets = [(mesh_addresses[t.name], port) for t in nodes.values() if t is not source for port in PROBE_PORTS]
+        statuses = tcp_connect_many(source.host, targets)
+        for target in nodes.values():
+            if target is not source:
+                for port in PROBE_PORTS:
+                    matrix[(source.name, target.name, port)] = statuses[(mesh_addresses[target.name], port)]
+    return matrix

@@ -60,10 +60,23 @@ def test_group_ports_are_open_only_to_their_sources(nodes: dict[str, Node], reac
         else:
             assert reachability[(source.name, target.name, 443)] == DROPPED, f"{source.name} -> {target.name}:443"
         if "cells" in target.groups:
-            expected = CONNECTED if "loadbalancers" in source.groups else DROPPED
-            assert reachability[(source.name, target.name, 80)] == expected, f"{source.name} -> {target.name}:80"
+            # Backend traffic comes over the mesh only (see test_private_network.py), never the outer address.
+            assert reachability[(source.name, target.name, 80)] == DROPPED, f"{source.name} -> {target.name}:80"
             checked += 1
     assert checked > 0, "the inventory has no load balancer or cell to test group ports with"
+
+
+def test_backend_port_is_open_over_the_mesh_to_load_balancers_only(
+    nodes: dict[str, Node], mesh_reachability: Reachability
+) -> None:
+    checked = 0
+    for source, target in peer_pairs(nodes):
+        if "cells" in target.groups:
+            expected = CONNECTED if "loadbalancers" in source.groups else DROPPED
+            assert mesh_reachability[(source.name, target.name, 80)] == expected, f"{source.name} -> {target.name}:80"
+            checked += 1
+        assert mesh_reachability[(source.name, target.name, 8099)] == DROPPED, f"{source.name} -> {target.name}:8099"
+    assert checked > 0, "the inventory has no cell to test the backend port with"
 
 
 def ssh_attempt(source: Host, options: str, address: str) -> tuple[int, str]:

@@ -80,17 +80,25 @@ def test_plain_http_is_redirected_to_https(lab: dict[str, Node]) -> None:
     assert headers["location"].startswith(f"https://{lb.address}/service")
 
 
-def test_a_permalink_made_through_the_load_balancer_opens_on_every_cell(lab: dict[str, Node]) -> None:
+def clients(lab: dict[str, Node]) -> list[Node]:
+    """Every node can be a client: each has its own address, so the load balancer tells them apart."""
+    return sorted(lab.values(), key=lambda node: ("loadbalancers" in node.groups, node.name))
+
+
+def test_a_permalink_made_through_the_load_balancer_opens_on_every_cell(
+    lab: dict[str, Node], mesh_addresses: dict[str, str]
+) -> None:
     lb = load_balancer(lab)
     code = f"print('permalink {time.time()}')"
     [(status, _headers, body)] = send(cells(lab)[0], f"https://{lb.address}/permalink", "POST", {"code": code})
     assert status == 200, body
     ident = json.loads(body)["query"]
     for cell in cells(lab):
-        # Straight at each cell's nginx, from the load balancer (the only host the cells let in on port 80).
-        [(status, _headers, page)] = send(lb, f"http://{cell.address}/?q={ident}")
+        # Straight at each cell's nginx over the mesh, from the load balancer (the only host let in there).
+        [(status, _headers, page)] = send(lb, f"http://{mesh_addresses[cell.name]}/?q={ident}")
         assert status == 200 and json.dumps(code)[1:-1] in page, cell.name
-    [(status, _headers, body)] = send(cells(lab)[1], f"https://{lb.address}/permalink?q={ident}")
+    # Read back through the load balancer from the last cell (the other one, where there are two).
+    [(status, _headers, body)] = send(cells(lab)[-1], f"https://{lb.address}/permalink?q={ident}")
     assert status == 200 and json.loads(body)[0] == code
 
 
@@ -110,7 +118,7 @@ def statuses(answers: list) -> list[int]:
 
 def test_a_flooding_client_gets_429_while_another_is_served(lab: dict[str, Node]) -> None:
     lb = load_balancer(lab)
-    flooder, other = cells(lab)
+    flooder, other = clients(lab)[:2]
     limit = int(lb.variables.get("haproxy_rate_limit_per_ip", 100))
     wait_for_rate_window()
     # Twice the per-client limit, so the flood alone stays within the total limit and others are served.
@@ -128,14 +136,14 @@ def test_the_total_limit_holds_across_clients(lab: dict[str, Node]) -> None:
     lb = load_balancer(lab)
     per_ip = int(lb.variables.get("haproxy_rate_limit_per_ip", 100))
     total = int(lb.variables.get("haproxy_rate_limit_total", 1000))
-    clients = [node for node in lab.values() if "loadbalancers" not in node.groups]
-    if per_ip * len(clients) <= total:
+    senders = clients(lab)
+    if per_ip * len(senders) <= total:
         pytest.skip("the clients cannot exceed the total limit while each stays under its own")
     wait_for_rate_window()
     # Every client at once, each staying within its own limit.
-    with ThreadPoolExecutor(len(clients)) as background:
+    with ThreadPoolExecutor(len(senders)) as background:
         batches = background.map(
-            lambda client: send(client, f"https://{lb.address}/service", "POST", {"code": "1"}, per_ip), clients
+            lambda client: send(client, f"https://{lb.address}/service", "POST", {"code": "1"}, per_ip), senders
         )
         answers = [status for batch in batches for status in statuses(batch)]
     assert answers.count(429) >= len(answers) - total, answers
@@ -148,3 +156,79 @@ def test_the_stats_page_is_local_only(lab: dict[str, Node]) -> None:
     assert not lb.host.socket(f"tcp://{lb.address}:8404").is_listening
     state = lb.host.check_output("echo 'show servers state cells' | socat stdio unix-connect:/run/haproxy/admin.sock")
     assert all(cell.name in state for cell in cells(lab))
+
+
+# Fresh TLS connections, one request each, from a few threads for a while: every outcome is counted.
+STEADY_CLIENT = r"""
+import json, ssl, sys, threading, time, urllib.error, urllib.request
+url, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+context = ssl._create_unverified_context()
+outcomes, lock = {}, threading.Lock()
+deadline = time.monotonic() + seconds
+def client():
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=30, context=context) as answer:
+                answer.read()
+                outcome = str(answer.status)
+        except urllib.error.HTTPError as error:
+            outcome = str(error.code)
+        except Exception as error:
+            outcome = type(error).__name__ + ": " + str(error)[:80]
+        with lock:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+workers = [threading.Thread(target=client) for _ in range(threads)]
+for worker in workers: worker.start()
+for worker in workers: worker.join()
+print(json.dumps(outcomes))
+"""
+
+
+def admin(lb: Node, command: str) -> str:
+    return lb.host.check_output(f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
+
+
+def server_stats(lb: Node, backend: str, server: str) -> tuple[str, int]:
+    """Status and weight of one server, from the runtime API's CSV statistics."""
+    for line in admin(lb, "show stat").splitlines():
+        fields = line.split(",")
+        if fields[:2] == [backend, server]:
+            return fields[17], int(fields[18])
+    raise AssertionError(f"{backend}/{server} not in the stats")
+
+
+def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    backends = cells(lab)
+    reweighted = backends[-1].name
+    # Draining leaves a backend without servers when there is one cell (molecule): only drain with two.
+    drained = backends[0].name if len(backends) > 1 else None
+    [(status, _headers, page)] = send(clients(lab)[0], f"https://{lb.address}/")
+    assert status == 200
+    asset = page.split('src="', 2)[1].split('"')[0]
+    _status, weight = server_stats(lb, "cells", reweighted)
+    new_weight = weight + 1 if weight < 256 else weight - 1  # never 0: that would drain it too
+    admin(lb, f"set weight cells/{reweighted} {new_weight}")
+    if drained:
+        admin(lb, f"set server cells/{drained} state drain")
+    try:
+        script = shlex.quote(STEADY_CLIENT)
+        command = f"python3 -c {script} {shlex.quote(f'https://{lb.address}{asset}')} 25 4"
+        with ThreadPoolExecutor(1) as background:
+            load = background.submit(clients(lab)[0].host.check_output, command)
+            time.sleep(3)
+            for _ in range(10):
+                lb.host.run_test("systemctl reload haproxy.service")
+                time.sleep(1.5)
+            outcomes = json.loads(load.result(timeout=120))
+        print(f"10 reloads under load: {outcomes}")
+        assert set(outcomes) == {"200"}, outcomes
+        assert outcomes["200"] > 50, outcomes
+        # The new workers read the states saved before each reload.
+        assert server_stats(lb, "cells", reweighted)[1] == new_weight
+        if drained:
+            assert server_stats(lb, "cells", drained)[0] == "DRAIN"
+    finally:
+        admin(lb, f"set weight cells/{reweighted} {weight}")
+        if drained:
+            admin(lb, f"set server cells/{drained} state ready")

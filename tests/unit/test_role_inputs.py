@@ -64,11 +64,28 @@ BAD_INPUT = [
     ("cell_server", {"cell_server_memory_mb": "lots"}, "cell_server_memory_mb"),
     ("haproxy", {"haproxy_rate_limit_per_ip": 50, "haproxy_rate_limit_total": 10}, "the total at least the per-IP"),
     ("haproxy", {"haproxy_check_fall": 0}, "fall and rise at"),
+    ("haproxy", {"haproxy_rate_limit_exempt": ["monitoring.example"]}, "(not: monitoring.example)"),
     ("nginx", {"nginx_upstream": "localhost"}, "the upstream must be host:port (got localhost)"),
     ("nginx", {"nginx_static_root": "static"}, "the static root an absolute path"),
     ("permalink_db", {"permalink_db_backend": "mysql"}, "permalink_db_backend must be one of: postgresql, sqlite"),
     ("permalink_db", {"permalink_db_name": "Perma-Links"}, "plain lowercase identifier (got Perma-Links)"),
     ("permalink_db", {"permalink_db_backup_keep": 0}, "keep at least 1 backup"),
+    ("private_network", {"private_network_address": ""}, "IPv4 address in the mesh (got '')"),
+    (
+        "private_network",
+        {"private_network_address": "10.78.0.1", "private_network_interface": "wireguard-mesh-0"},
+        "(got 'wireguard-mesh-0')",
+    ),
+    (
+        "private_network",
+        {"private_network_address": "10.78.0.1", "private_network_port": "udp"},
+        "private_network_port",
+    ),
+    ("private_network", {"private_network_address": "10.78.0.1", "private_network_group": "nobody"}, "found 0"),
+    ("rsyslog", {"rsyslog_servers_group": "nobody"}, "must name at least one log host (it has 0)"),
+    ("rsyslog", {"rsyslog_servers_group": "all", "rsyslog_queue_max_disk": "lots"}, "(got 'lots')"),
+    ("rsyslog", {"rsyslog_servers_group": "all", "rsyslog_tls_ca": "PEM"}, "rsyslog_tls_key (got 1)"),
+    ("rsyslog", {"rsyslog_servers_group": "all", "rsyslog_relp_port": 0}, "1-65535 (got 0)"),
 ]
 
 

@@ -1,0 +1,148 @@
+"""The permalink service on its data host: kill -9 of the service and of PostgreSQL's postmaster while a cell
+keeps writing, and both come back with every acknowledged permalink; the nightly backup restores."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import Node
+
+SERVICE = "cellfleet-permalinks.service"
+PORT = 8889
+
+# Writes numbered permalinks for a while, one at a time; prints the acknowledged ones and the failures.
+WRITER = r"""
+import json, sys, time, urllib.parse, urllib.request
+url, seconds, run = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+acknowledged, failures, number = {}, 0, 0
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    number += 1
+    code = f"print('{run} {number}')"
+    try:
+        data = urllib.parse.urlencode({"code": code}).encode()
+        with urllib.request.urlopen(url, data, timeout=10) as answer:
+            acknowledged[json.load(answer)["query"]] = code
+    except Exception:
+        failures += 1
+        time.sleep(0.2)
+print(json.dumps({"acknowledged": acknowledged, "failures": failures}))
+"""
+
+READER = r"""
+import json, sys, urllib.request
+url, idents = sys.argv[1], json.loads(sys.stdin.read())
+found = {}
+for ident in idents:
+    try:
+        with urllib.request.urlopen(f"{url}?q={ident}", timeout=10) as answer:
+            found[ident] = json.load(answer)[0]
+    except Exception as error:
+        found[ident] = repr(error)
+print(json.dumps(found))
+"""
+
+
+@pytest.fixture(scope="module")
+def data(nodes: dict[str, Node]) -> Node:
+    hosts = [node for node in nodes.values() if "permalink_db" in node.groups]
+    if not hosts:
+        pytest.skip("no permalink_db host in the inventory")
+    return hosts[0]
+
+
+@pytest.fixture(scope="module")
+def writer_host(nodes: dict[str, Node]) -> Node:
+    cells = sorted((node for node in nodes.values() if "cells" in node.groups), key=lambda node: node.name)
+    if not cells:
+        pytest.skip("no cell in the inventory to write permalinks from")
+    return cells[0]
+
+
+@pytest.fixture(scope="module")
+def url(data: Node, mesh_addresses: dict[str, str]) -> str:
+    return f"http://{mesh_addresses[data.name]}:{PORT}/permalink"
+
+
+def write_for(host: Node, url: str, seconds: float, run: str) -> dict:
+    script = shlex.quote(WRITER)
+    return json.loads(host.host.check_output(f"python3 -c {script} {shlex.quote(url)} {seconds} {run}"))
+
+
+def read_back(host: Node, url: str, idents: list[str]) -> dict[str, str]:
+    script = shlex.quote(READER)
+    payload = shlex.quote(json.dumps(idents))
+    return json.loads(host.host.check_output(f"echo {payload} | python3 -c {script} {shlex.quote(url)}"))
+
+
+def main_pid(node: Node, unit: str) -> int:
+    return int(node.host.check_output(f"systemctl show -p MainPID --value {unit}"))
+
+
+def postgresql_unit(node: Node) -> str:
+    units = node.host.check_output("systemctl list-units --plain --no-legend 'postgresql@*.service' postgresql.service")
+    running = [line.split()[0] for line in units.splitlines() if " running " in f" {line} "]
+    assert running, f"no running PostgreSQL server unit on {node.name}: {units}"
+    return running[0]
+
+
+def seconds_until_back(node: Node, unit: str, old_pid: int, limit: float) -> float:
+    started = time.monotonic()
+    while True:
+        pid = main_pid(node, unit)
+        if pid not in (0, old_pid) and node.host.service(unit).is_running:
+            return time.monotonic() - started
+        assert time.monotonic() - started < limit, f"{unit} not back within {limit:.0f} s"
+        time.sleep(0.5)
+
+
+def test_kill_9_of_the_service_and_of_postgresql_loses_no_acknowledged_permalink(
+    data: Node, writer_host: Node, url: str
+) -> None:
+    database = postgresql_unit(data)
+    run = f"kill{int(time.time())}"
+    with ThreadPoolExecutor(1) as background:
+        writing = background.submit(write_for, writer_host, url, 40, run)
+        time.sleep(6)
+        service_pid = main_pid(data, SERVICE)
+        data.host.run_test(f"kill -9 {service_pid}")
+        service_back = seconds_until_back(data, SERVICE, service_pid, 30)
+        time.sleep(6)
+        postmaster_pid = main_pid(data, database)
+        data.host.run_test(f"kill -9 {postmaster_pid}")
+        database_back = seconds_until_back(data, database, postmaster_pid, 60)
+        result = writing.result(timeout=120)
+    acknowledged: dict[str, str] = result["acknowledged"]
+    print(
+        f"service back in {service_back:.1f} s, PostgreSQL back in {database_back:.1f} s; "
+        f"{len(acknowledged)} permalinks acknowledged, {result['failures']} writes refused meanwhile"
+    )
+    assert len(acknowledged) >= 20, result
+    found = read_back(writer_host, url, sorted(acknowledged))
+    lost = {ident: found[ident] for ident, code in acknowledged.items() if found[ident] != code}
+    assert lost == {}, f"{len(lost)} of {len(acknowledged)} acknowledged permalinks lost"
+
+
+def test_the_backup_restores_what_it_saved(data: Node, writer_host: Node, url: str) -> None:
+    before = write_for(writer_host, url, 1, f"backup{int(time.time())}")["acknowledged"]
+    assert before
+    data.host.run_test("systemctl start cellfleet-permalink-backup.service")
+    backup = data.host.check_output("ls -1t /var/backups/cellfleet-permalinks/permalinks-* | head -1")
+    after = write_for(writer_host, url, 1, f"afterbackup{int(time.time())}")["acknowledged"]
+    data.host.run_test(f"cellfleet-permalink-restore {shlex.quote(backup)}")
+    deadline = time.monotonic() + 30
+    while data.host.run(
+        f"python3 -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{PORT}/health')\""
+    ).rc:
+        assert time.monotonic() < deadline, "the permalink service is not healthy after the restore"
+        time.sleep(1)
+    found = read_back(writer_host, url, sorted(before) + sorted(after))
+    assert all(found[ident] == code for ident, code in before.items()), found
+    assert not any(found[ident] == code for ident, code in after.items()), (
+        "writes after the backup survived its restore"
+    )
