@@ -205,37 +205,55 @@ def main_pid(cell: Cell, unit: str) -> int:
     return int(cell.host.check_output(f"systemctl show -p MainPID --value {unit}"))
 
 
-def seconds_until_healthy(cell: Cell, old_pid: int, limit: float) -> float:
-    """Poll /health until a new server process answers 200; the seconds it took."""
-    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=10)"
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        pid = main_pid(cell, "cellserver")
-        if pid not in (0, old_pid) and cell.host.run(f"python3 -c {shlex.quote(probe)}").rc == 0:
-            return time.monotonic() - started
-        time.sleep(0.2)
-    return float("inf")
+# Runs on the cell, so the clock is not blurred by an SSH round trip per probe: after the signal, poll
+# /health every 0.1 s and print when a new process answered it (the old one cannot: it is dead or stopped).
+AFTER_SIGNAL = r"""
+import json, os, signal, subprocess, sys, time, urllib.request
+port, pid, signame, limit = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+def main_pid():
+    command = ["systemctl", "show", "-p", "MainPID", "--value", "cellserver"]
+    return int(subprocess.run(command, capture_output=True, text=True).stdout.strip() or 0)
+os.kill(pid, getattr(signal, signame))
+started = time.monotonic()
+new_process = None
+while time.monotonic() - started < limit:
+    if new_process is None and main_pid() not in (0, pid):
+        new_process = time.monotonic() - started
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read()
+        if main_pid() != pid:
+            print(json.dumps({"new_process": new_process, "healthy": time.monotonic() - started}))
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+print(json.dumps({"new_process": new_process, "healthy": None}))
+"""
+
+
+def seconds_after_signal(cell: Cell, signame: str, limit: float) -> dict:
+    """Send signame to the server and time its replacement: a new process, then a /health answer from it."""
+    old = main_pid(cell, "cellserver")
+    script = shlex.quote(AFTER_SIGNAL)
+    return json.loads(cell.host.check_output(f"python3 -c {script} {cell.port} {old} {signame} {limit}"))
 
 
 def test_a_killed_server_is_back_and_healthy_within_seconds(cell: Cell) -> None:
-    old = main_pid(cell, "cellserver")
-    cell.host.run_test(f"kill -9 {old}")
-    took = seconds_until_healthy(cell, old, 60)
-    print(f"kill -9: healthy again after {took:.1f} s")
+    took = seconds_after_signal(cell, "SIGKILL", 60)
+    print(f"kill -9: new process after {took['new_process']} s, healthy after {took['healthy']} s")
     # 5 s is the issue's target on real hardware; the emulated lab is several times slower.
-    assert took < 30
+    assert took["healthy"] is not None and took["healthy"] < 30, took
 
 
 def test_a_frozen_server_is_restarted_by_the_watchdog(cell: Cell) -> None:
     watchdog = int(cell.node.variables.get("cell_server_watchdog_seconds", 10))
     old = main_pid(cell, "cellserver")
-    cell.host.run_test(f"kill -STOP {old}")
     try:
-        took = seconds_until_healthy(cell, old, watchdog + 60)
+        took = seconds_after_signal(cell, "SIGSTOP", watchdog + 60)
     finally:
         cell.host.run(f"kill -CONT {old} 2>/dev/null")
-    print(f"SIGSTOP: healthy again after {took:.1f} s (WatchdogSec={watchdog})")
-    assert took < watchdog + 30
+    print(f"SIGSTOP (WatchdogSec={watchdog}): new process after {took['new_process']} s, healthy: {took['healthy']} s")
+    assert took["healthy"] is not None and took["healthy"] < watchdog + 30, took
     assert "watchdog timeout" in cell.host.check_output("journalctl -u cellserver --since -3min --no-pager").lower()
 
 
@@ -256,4 +274,8 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     log = cell.host.check_output("journalctl -u cellfleet-cell-health --since '-5min' --no-pager")
     assert "restarting cellserver.service" in log and "failed" in log
     assert main_pid(cell, "cellserver") != server
-    assert seconds_until_healthy(cell, server, 120) < 120
+    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=10)"
+    deadline = time.monotonic() + 120
+    while cell.host.run(f"python3 -c {shlex.quote(probe)}").rc != 0:
+        assert time.monotonic() < deadline, "the restarted server is not healthy within 120 s"
+        time.sleep(1)
