@@ -23,8 +23,10 @@ APP_DISTRIBUTION = "cellfleet_cellserver"
 
 
 def source_date_epoch(source: Path) -> str:
-    """The last commit's time, so the same sources give the same wheel bytes; a fixed date without git."""
-    result = subprocess.run(["git", "-C", str(source), "log", "-1", "--format=%ct"], capture_output=True, text=True)
+    """Time of the last commit that touched the app, so the same sources give the same wheel bytes (any later
+    commit elsewhere in the repository leaves the wheel alone); a fixed date without git."""
+    command = ["git", "-C", str(source), "log", "-1", "--format=%ct", "--", "."]
+    result = subprocess.run(command, capture_output=True, text=True)
     return result.stdout.strip() or "315532800"
 
 
