@@ -2,29 +2,23 @@
 """The service stack on the lab: computations and permalink reads through HAProxy with TLS, beside the same
 requests sent straight to the cells and the permalink service, so the load balancer's cost is a ratio.
 
-The load runs on this machine inside the lab's namespace (so it takes no emulated CPU from the VMs), over
-keep-alive connections, one per client. "Direct" goes through SSH forwards to each cell's nginx and to the
-permalink service (the firewall lets only the load balancers reach them, over the mesh); the direct load is
-spread over the cells as the load balancer spreads it. While it runs, the load balancer exempts this machine
-from its rate limits through the runtime API (`add acl`), and takes the exemption back afterwards.
+The load runs on the load balancer's VM for both paths, so the client is the same: "through HAProxy" goes to
+https://127.0.0.1 there (TLS, rate-limit tables, leastconn, then the mesh); "direct" goes over the mesh to
+each cell's nginx and to the permalink service, spread over the cells as HAProxy spreads it. Each client
+keeps one connection open. While it runs, HAProxy exempts 127.0.0.1 from its rate limits through the
+runtime API (`add acl`) and takes the exemption back afterwards. Everything runs under QEMU emulation, the
+client included, so absolute numbers are far below real hardware; the ratio is the point.
 Prints a table and writes bench/results/stack.json. Run with `make bench-stack` after `make up`.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import os
-import socket
-import ssl
+import shlex
 import subprocess
-import sys
-import threading
-import time
-import urllib.parse
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,69 +26,77 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "stack.json"
 SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
 NETNS = "cellfleet"
-SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
 EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
-COMPUTATION = urllib.parse.urlencode({"code": "print(1+1)"}).encode()
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
-# Opens a connection to (scheme, host, port); each client thread keeps its own.
-Endpoint = tuple[str, str, int]
+# Runs on the client VM: concurrency threads, each with one keep-alive connection to its URL (round robin
+# over the URLs), sending requests back to back for a while. Prints latencies of good answers and the rest.
+LOAD = r"""
+import http.client, json, ssl, sys, threading, time, urllib.parse
+spec = json.loads(sys.argv[1])
+context = ssl._create_unverified_context()
+body = urllib.parse.urlencode(spec["form"]).encode() if spec["form"] else None
+headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+latencies, outcomes, lock = [], {}, threading.Lock()
+deadline = time.monotonic() + spec["seconds"]
+def connect(url):
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=120, context=context)
+    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=120)
+def client(url):
+    connection, target = connect(url), urllib.parse.urlsplit(url)
+    path = target.path + ("?" + target.query if target.query else "")
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            connection.request(spec["method"], path, body=body, headers=headers)
+            answer = connection.getresponse()
+            data = answer.read()
+            outcome = str(answer.status)
+            ok = answer.status == 200 and (spec["expect"] is None or spec["expect"] in data.decode())
+        except Exception as error:
+            outcome, ok = type(error).__name__, False
+            connection.close()
+            connection = connect(url)
+        with lock:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if ok:
+                latencies.append(time.monotonic() - started)
+threads = [threading.Thread(target=client, args=(spec["urls"][i % len(spec["urls"])],))
+           for i in range(spec["concurrency"])]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(json.dumps({"latencies": sorted(latencies), "outcomes": outcomes}))
+"""
 
 
-def in_lab_namespace() -> bool:
-    """Whether this process already runs in the lab's network namespace."""
-    named = Path(f"/run/netns/{NETNS}")
-    return named.exists() and os.stat("/proc/self/ns/net").st_ino == named.stat().st_ino
+MAKE_PERMALINK = r"""
+import ssl, sys, urllib.parse, urllib.request
+data = urllib.parse.urlencode({"code": "print('bench')"}).encode()
+context = ssl._create_unverified_context()
+print(urllib.request.urlopen(sys.argv[1], data, context=context).read().decode())
+"""
 
 
 def ssh(address: str, command: str) -> str:
-    arguments = ["ssh", "-q", *SSH_OPTIONS, "-i", SSH_KEY, f"root@{address}", command]
-    return subprocess.run(arguments, check=True, capture_output=True, text=True, timeout=120).stdout
+    arguments = [
+        "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", f"ProxyCommand=ip netns exec {NETNS} nc %h %p", "-i", SSH_KEY, f"root@{address}", command,
+    ]  # fmt: skip
+    return subprocess.run(arguments, check=True, capture_output=True, text=True, timeout=1800).stdout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def forward(address: str, remote_port: int) -> Iterator[Endpoint]:
-    """An SSH forward from a local port to remote_port on the node's loopback."""
-    port = free_port()
-    arguments = ["ssh", "-N", *SSH_OPTIONS, "-o", "ExitOnForwardFailure=yes", "-i", SSH_KEY]
-    arguments += ["-L", f"127.0.0.1:{port}:127.0.0.1:{remote_port}", f"root@{address}"]
-    tunnel = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or tunnel.poll() is not None:
-                    raise RuntimeError(f"no SSH forward to {address}:{remote_port}") from None
-                time.sleep(0.2)
-        yield ("http", "127.0.0.1", port)
-    finally:
-        tunnel.terminate()
-        tunnel.wait()
+def admin(load_balancer: str, command: str) -> str:
+    return ssh(load_balancer, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
 
 
 @contextmanager
 def rate_limit_exemption(load_balancer: str, source: str) -> Iterator[None]:
-    ssh(load_balancer, f"echo 'add acl {EXEMPT_LIST} {source}' | socat stdio unix-connect:/run/haproxy/admin.sock")
+    admin(load_balancer, f"add acl {EXEMPT_LIST} {source}")
     try:
         yield
     finally:
-        ssh(load_balancer, f"echo 'del acl {EXEMPT_LIST} {source}' | socat stdio unix-connect:/run/haproxy/admin.sock")
-
-
-def connect(endpoint: Endpoint) -> http.client.HTTPConnection:
-    scheme, host, port = endpoint
-    if scheme == "https":
-        return http.client.HTTPSConnection(host, port, timeout=120, context=ssl._create_unverified_context())
-    return http.client.HTTPConnection(host, port, timeout=120)
+        admin(load_balancer, f"del acl {EXEMPT_LIST} {source}")
 
 
 def percentile(ordered: list[float], share: float) -> float:
@@ -102,105 +104,56 @@ def percentile(ordered: list[float], share: float) -> float:
 
 
 def drive(
-    endpoints: list[Endpoint], request: Callable[[http.client.HTTPConnection], bool], clients: int, seconds: float
-) -> dict[str, float]:
-    """Clients spread over the endpoints send requests back to back for seconds; latencies of the good ones."""
-    latencies: list[float] = []
-    failures = 0
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def client(endpoint: Endpoint) -> None:
-        nonlocal failures
-        connection = connect(endpoint)
-        while time.monotonic() < deadline:
-            started = time.monotonic()
-            try:
-                ok = request(connection)
-            except (OSError, http.client.HTTPException):
-                ok = False
-                connection.close()
-                connection = connect(endpoint)
-            with lock:
-                if ok:
-                    latencies.append(time.monotonic() - started)
-                else:
-                    failures += 1
-        connection.close()
-
-    threads = [threading.Thread(target=client, args=(endpoints[i % len(endpoints)],)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    latencies.sort()
+    client: str, urls: list[str], method: str, form: dict, expect: str | None, clients: int, seconds: float
+) -> dict[str, Any]:
+    """Load from the client VM; expect is a text the good answers contain (None: any 200)."""
+    spec = {"urls": urls, "method": method, "form": form, "expect": expect, "concurrency": clients, "seconds": seconds}
+    run = json.loads(ssh(client, f"python3 -c {shlex.quote(LOAD)} {shlex.quote(json.dumps(spec))}"))
+    latencies = run["latencies"]
     return {
         "per_second": len(latencies) / seconds,
         "p50_ms": percentile(latencies, 0.5) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
-        "failures": failures,
+        "outcomes": run["outcomes"],
     }
-
-
-def compute(connection: http.client.HTTPConnection) -> bool:
-    connection.request("POST", "/service", body=COMPUTATION, headers=FORM)
-    answer = connection.getresponse()
-    body = answer.read()
-    return answer.status == 200 and json.loads(body)["stdout"] == "2\n"
-
-
-def reader(ident: str, path: str) -> Callable[[http.client.HTTPConnection], bool]:
-    def read(connection: http.client.HTTPConnection) -> bool:
-        connection.request("GET", f"{path}?q={ident}")
-        answer = connection.getresponse()
-        answer.read()
-        return answer.status == 200
-
-    return read
-
-
-def make_permalink(endpoint: Endpoint) -> str:
-    connection = connect(endpoint)
-    body = urllib.parse.urlencode({"code": "print('bench')"}).encode()
-    connection.request("POST", "/permalink", body=body, headers=FORM)
-    answer = connection.getresponse()
-    return json.loads(answer.read())["query"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--load-balancer", default="10.77.0.11")
-    parser.add_argument("--cells", nargs="+", default=["10.77.0.12", "10.77.0.13"])
-    parser.add_argument("--permalink-host", default="10.77.0.14")
-    parser.add_argument("--source", default="10.77.0.1", help="this machine's address on the lab bridge")
+    parser.add_argument("--load-balancer", default="10.77.0.11", help="the load balancer (runs the load too)")
+    parser.add_argument("--cells", nargs="+", default=["10.78.0.12", "10.78.0.13"], help="mesh addresses")
+    parser.add_argument("--permalink-host", default="10.78.0.14", help="mesh address")
     parser.add_argument("--seconds", type=float, default=30.0, help="per computation load")
     parser.add_argument("--read-seconds", type=float, default=10.0, help="per permalink read load")
     args = parser.parse_args()
-    if not in_lab_namespace():
-        os.execvp("ip", ["ip", "netns", "exec", NETNS, sys.executable, *sys.argv])
-    results: dict[str, Any] = {"through load balancer": {}, "direct": {}}
-    balanced: list[Endpoint] = [("https", args.load_balancer, 443)]
-    with ExitStack() as stack:
-        stack.enter_context(rate_limit_exemption(args.load_balancer, args.source))
-        cells = [stack.enter_context(forward(cell, 80)) for cell in args.cells]
-        permalinks = [stack.enter_context(forward(args.permalink_host, 8889))]
-        drive(balanced, compute, 2, 5)  # warm-up: every cell's reserve of kernels fills
+    lb = args.load_balancer
+    balanced = "https://127.0.0.1"
+    computation = {"code": "print(1+1)"}
+    results: dict[str, Any] = {"through HAProxy+TLS": {}, "direct": {}}
+    with rate_limit_exemption(lb, "127.0.0.1"):
+        drive(lb, [f"{balanced}/service"], "POST", computation, None, 2, 5)  # warm-up: the reserves fill
         for clients in (1, 8):
-            load = f"computations, {clients} client{'s' * (clients > 1)}"
-            results["through load balancer"][load] = drive(balanced, compute, clients, args.seconds)
-            results["direct"][load] = drive(cells, compute, clients, args.seconds)
-        ident = make_permalink(balanced[0])
+            load = f"print(1+1), {clients} client{'s' * (clients > 1)}"
+            results["through HAProxy+TLS"][load] = drive(
+                lb, [f"{balanced}/service"], "POST", computation, '"2\\n"', clients, args.seconds
+            )
+            direct = [f"http://{cell}/service" for cell in args.cells]
+            results["direct"][load] = drive(lb, direct, "POST", computation, '"2\\n"', clients, args.seconds)
+        ident = json.loads(ssh(lb, f"python3 -c {shlex.quote(MAKE_PERMALINK)} {balanced}/permalink"))["query"]
         load = "permalink reads, 8 clients"
-        results["through load balancer"][load] = drive(balanced, reader(ident, "/permalink"), 8, args.read_seconds)
-        results["direct"][load] = drive(permalinks, reader(ident, "/permalink"), 8, args.read_seconds)
-    print(f"print(1+1) on {len(args.cells)} cells and permalink reads, lab under QEMU emulation, keep-alive clients")
-    print(f"{'load':30} {'path':22} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} {'LB/direct':>10}")
-    for load, direct in results["direct"].items():
-        balanced_numbers = results["through load balancer"][load]
-        for path, numbers in (("direct", direct), ("through HAProxy+TLS", balanced_numbers)):
-            ratio = numbers["per_second"] / direct["per_second"] if direct["per_second"] else float("nan")
-            print(f"{load:30} {path:22} {numbers['per_second']:8.2f} {numbers['p50_ms']:8.0f} "
-                  f"{numbers['p99_ms']:8.0f} {numbers['failures']:7.0f} {ratio:10.2f}")  # fmt: skip
+        read = f"/permalink?q={ident}"
+        results["through HAProxy+TLS"][load] = drive(lb, [balanced + read], "GET", {}, "bench", 8, args.read_seconds)
+        results["direct"][load] = drive(
+            lb, [f"http://{args.permalink_host}:8889{read}"], "GET", {}, "bench", 8, args.read_seconds
+        )
+    print(f"Lab under QEMU emulation; load from {lb} itself, keep-alive clients; ratio = HAProxy+TLS / direct")
+    print(f"{'load':28} {'path':20} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}  outcomes")
+    for load, direct_numbers in results["direct"].items():
+        for path in ("direct", "through HAProxy+TLS"):
+            numbers = results[path][load]
+            ratio = numbers["per_second"] / direct_numbers["per_second"] if direct_numbers["per_second"] else 0.0
+            print(f"{load:28} {path:20} {numbers['per_second']:8.2f} {numbers['p50_ms']:8.0f} "
+                  f"{numbers['p99_ms']:8.0f} {ratio:6.2f}  {numbers['outcomes']}")  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

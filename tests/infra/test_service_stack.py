@@ -232,3 +232,11 @@ def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[s
         admin(lb, f"set weight cells/{reweighted} {weight}")
         if drained:
             admin(lb, f"set server cells/{drained} state ready")
+    # A restart saves the states first (ExecStop), so it brings back what runs now, not the drain of a reload ago.
+    lb.host.run_test("systemctl restart haproxy.service")
+    deadline = time.monotonic() + 30
+    while server_stats(lb, "cells", reweighted) != ("UP", weight):
+        assert time.monotonic() < deadline, server_stats(lb, "cells", reweighted)
+        time.sleep(1)
+    if drained:
+        assert server_stats(lb, "cells", drained)[0] != "DRAIN"
