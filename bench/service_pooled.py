@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from lab_ssh import ssh
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "service_pooled.json"
-SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
-NETNS = "cellfleet"
 
 LOAD = r"""
 import json, sys, threading, time, urllib.parse, urllib.request
@@ -48,14 +47,6 @@ RESET_TIMING = (
     "t0=$(date +%s.%N); /usr/local/sbin/cellfleet-worker-reset cellw08 >/dev/null; "
     'echo "$(date +%s.%N) $t0" | awk \'{printf "%.3f\\n", $1 - $2}\''
 )
-
-
-def ssh(address: str, script: str, *arguments: str) -> str:
-    command = [
-        "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", f"ProxyCommand=ip netns exec {NETNS} nc %h %p", "-i", SSH_KEY, f"root@{address}", script, *arguments,
-    ]  # fmt: skip
-    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=1800).stdout
 
 
 def percentile(values: list[float], share: float) -> float:

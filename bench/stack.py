@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lab_ssh import ssh
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "stack.json"
-SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
-NETNS = "cellfleet"
 EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
 
 # Runs on the client VM: concurrency threads, each with one keep-alive connection to its URL (round robin
@@ -76,14 +75,6 @@ data = urllib.parse.urlencode({"code": "print('bench')"}).encode()
 context = ssl._create_unverified_context()
 print(urllib.request.urlopen(sys.argv[1], data, context=context).read().decode())
 """
-
-
-def ssh(address: str, command: str) -> str:
-    arguments = [
-        "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", f"ProxyCommand=ip netns exec {NETNS} nc %h %p", "-i", SSH_KEY, f"root@{address}", command,
-    ]  # fmt: skip
-    return subprocess.run(arguments, check=True, capture_output=True, text=True, timeout=1800).stdout
 
 
 def admin(load_balancer: str, command: str) -> str:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
+
+from lab_ssh import ssh
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "unit_security.json"
-SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
-NETNS = "cellfleet"
 UNITS = {
     "10.77.0.12": ["cellserver.service", "cellfleet-kernel-provider.service", "nginx.service"],
     "10.77.0.14": ["cellfleet-permalinks.service"],
@@ -24,12 +23,7 @@ EXPOSURE = re.compile(r"Overall exposure level for \S+: ([0-9.]+) (\S+)")
 
 
 def exposure(address: str, unit: str) -> tuple[float, str]:
-    command = [
-        "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", f"ProxyCommand=ip netns exec {NETNS} nc %h %p", "-i", SSH_KEY, f"root@{address}",
-        f"systemd-analyze security --no-pager {unit}",
-    ]  # fmt: skip
-    output = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False).stdout
+    output = ssh(address, f"systemd-analyze security --no-pager {unit}", check=False, timeout=300)
     found = EXPOSURE.search(output)
     if not found:
         raise RuntimeError(f"{unit} on {address}: no exposure level in the output")

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 from pathlib import Path
+
+from lab_ssh import ssh
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "worker_pool.json"
-SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
-NETNS = "cellfleet"
 
 RUN = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-run"
 RESET = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-reset"
@@ -46,14 +45,6 @@ def remote_timing_script(command: str, repeats: int) -> str:
         f"for i in $(seq {repeats}); do t0=$(date +%s.%N); {timed} || exit 1; "
         'echo "$(date +%s.%N) $t0" | awk \'{printf "%.4f\\n", $1 - $2}\'; done'
     )
-
-
-def ssh(address: str, script: str) -> str:
-    command = [
-        "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", f"ProxyCommand=ip netns exec {NETNS} nc %h %p", "-i", SSH_KEY, f"root@{address}", script,
-    ]  # fmt: skip
-    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=1800).stdout
 
 
 def main() -> None:
