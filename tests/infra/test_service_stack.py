@@ -197,9 +197,22 @@ def server_stats(lb: Node, backend: str, server: str) -> tuple[str, int]:
     raise AssertionError(f"{backend}/{server} not in the stats")
 
 
+def wait_until_every_cell_is_up(lb: Node, backends: list[Node], seconds: float = 120) -> None:
+    """The floods before this test can keep an emulated cell too busy to answer its health checks: HAProxy
+    then marks it DOWN and answers 503 until the checks pass again. Start from a backend that serves."""
+    started = time.monotonic()
+    states = {cell.name: server_stats(lb, "cells", cell.name)[0] for cell in backends}
+    while any(state != "UP" for state in states.values()):
+        assert time.monotonic() - started < seconds, f"cells not back UP after {seconds:g} s: {states}"
+        time.sleep(1)
+        states = {cell.name: server_stats(lb, "cells", cell.name)[0] for cell in backends}
+    print(f"every cell UP after {time.monotonic() - started:.1f} s")
+
+
 def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[str, Node]) -> None:
     lb = load_balancer(lab)
     backends = cells(lab)
+    wait_until_every_cell_is_up(lb, backends)
     reweighted = backends[-1].name
     # Draining leaves a backend without servers when there is one cell (molecule): only drain with two.
     drained = backends[0].name if len(backends) > 1 else None
