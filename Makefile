@@ -142,6 +142,10 @@ bench-service: venv ## /service on this machine: print(1+1) at concurrency 1 and
 bench-service-pooled: venv ## /service on the lab's cell1, kernels as pooled confined workers; after `make up`
 	@$(BIN)/python bench/service_pooled.py $(BENCH_ARGS)
 
+.PHONY: cluster-test
+cluster-test: venv ## Rolling update under load (0 failed requests) and a failing canary, on the lab; after `make up`
+	@$(BIN)/pytest -q -s -p no:cacheprovider tests/cluster
+
 .PHONY: bench-stack
 bench-stack: venv ## Computations and permalink reads through HAProxy+TLS beside direct, on the lab; after `make up`
 	@$(BIN)/python bench/stack.py $(BENCH_ARGS)

@@ -30,6 +30,16 @@ def test_a_computation_answers_with_upstream_fields(compute: Service) -> None:
     assert headers["Access-Control-Allow-Origin"] == "*"
 
 
+def test_every_answer_names_the_installed_release(compute: Service) -> None:
+    from importlib.metadata import version
+
+    installed = version("cellfleet-cellserver")
+    _status, headers, _answer = run(compute, "1")
+    assert headers["X-Cellserver-Version"] == installed
+    status, headers, _body = compute.request("POST", "/service", {})
+    assert status == 400 and headers["X-Cellserver-Version"] == installed  # errors too
+
+
 def test_stderr_errors_and_user_expressions(compute: Service) -> None:
     status, _headers, answer = run(
         compute, "import sys; sys.stderr.write('warn\\n'); x = 6 * 7", user_expressions='{"x": "x"}'

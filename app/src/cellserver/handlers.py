@@ -7,11 +7,17 @@ from typing import Any
 
 import tornado.web
 
+from cellserver import __version__
+
 # Upstream's limit for /service and /permalink: longer code is refused with 413.
 MAX_CODE_CHARS = 65_000
 
 
 class JSONErrorHandler(tornado.web.RequestHandler):
+    def set_default_headers(self) -> None:
+        # Which release answered: during a rolling update old and new servers answer side by side.
+        self.set_header("X-Cellserver-Version", __version__)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # send_error clears every header first: the ones an error needs come through kwargs.
         self.set_header("Content-Type", "application/json")
@@ -28,6 +34,7 @@ class PublicAPIHandler(JSONErrorHandler):
     """/service and /permalink: callable from any page that embeds a cell, as upstream allows."""
 
     def set_default_headers(self) -> None:
+        super().set_default_headers()
         self.set_header("Access-Control-Allow-Origin", "*")
 
     def code_argument(self) -> str | None:

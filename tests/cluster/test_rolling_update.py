@@ -1,0 +1,144 @@
+"""Rolling updates on the running lab, under a steady load through the load balancer: no request fails, every
+cell ends on the new release, and a canary that fails its check stops the rollout with the other cell serving.
+
+Runs with `make cluster-test` after `make up` (root, on the lab's machine); each test takes minutes under
+emulation, so this suite is not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from load import SteadyLoad, in_lab_namespace_possible
+
+ROOT = Path(__file__).resolve().parents[2]
+INVENTORY = ROOT / "inventory" / "lab" / "hosts.yml"
+SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
+LOAD_BALANCER = "10.77.0.11"
+CELLS = {"cell1": "10.77.0.12", "cell2": "10.77.0.13"}
+EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
+LAB_BRIDGE = "10.77.0.1"
+
+pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
+
+
+def ssh(address: str, command: str) -> str:
+    arguments = [
+        "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "ProxyCommand=ip netns exec cellfleet nc %h %p", "-i", SSH_KEY, f"root@{address}", command,
+    ]  # fmt: skip
+    return subprocess.run(arguments, check=True, capture_output=True, text=True, timeout=300).stdout
+
+
+def admin(command: str) -> str:
+    return ssh(LOAD_BALANCER, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
+
+
+def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """ansible-playbook against the lab with the Makefile's settings; the output is kept for the report."""
+    binary = Path(sys.executable).with_name("ansible-playbook")
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "false"}
+    command = [str(binary), "-i", str(INVENTORY), str(ROOT / "playbooks" / name), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600, check=False)
+
+
+def release_of_app(target: Path, version: str, broken: bool = False) -> Path:
+    """A copy of app/ that installs as `version`; a broken one cannot start its server."""
+    shutil.copytree(ROOT / "app", target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    project = target / "pyproject.toml"
+    project.write_text(project.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1))
+    if broken:
+        with (target / "src" / "cellserver" / "service.py").open("a") as module:
+            module.write('\nraise RuntimeError("a release that cannot serve, made by the rolling-update test")\n')
+    return target
+
+
+def installed_release(address: str) -> str:
+    return ssh(address, "/opt/cellserver/venv/bin/cellserver --version").split()[-1]
+
+
+def server_state(cell: str) -> str:
+    for line in admin("show stat").splitlines():
+        fields = line.split(",")
+        if fields[:2] == ["cells", cell]:
+            return fields[17]
+    raise AssertionError(f"cells/{cell} not in the load balancer's stats")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def exempt_this_machine() -> Iterator[None]:
+    """The lab's rate limits are small; the steady load from the lab bridge must not meet them."""
+    admin(f"add acl {EXEMPT_LIST} {LAB_BRIDGE}")
+    yield
+    admin(f"del acl {EXEMPT_LIST} {LAB_BRIDGE}")
+
+
+@pytest.fixture(scope="module")
+def baseline() -> str:
+    """The release the lab runs now; each test leaves every cell on it, in rotation."""
+    releases = {installed_release(address) for address in CELLS.values()}
+    assert len(releases) == 1, f"the cells run different releases: {releases}"
+    return releases.pop()
+
+
+def roll_out(source: Path, version: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return playbook(
+        "rolling-update.yml", "-e", f"cellserver_app_source={source}", "-e", f"rolling_update_expect_version={version}",
+        *extra,
+    )  # fmt: skip
+
+
+def test_a_rolling_update_under_load_fails_no_request(tmp_path: Path, baseline: str) -> None:
+    version = f"0.1.{int(time.time())}"
+    release = release_of_app(tmp_path / "app", version)
+    url = f"https://{LOAD_BALANCER}/service"
+    with SteadyLoad(url) as load:
+        time.sleep(10)
+        started = time.monotonic()
+        result = roll_out(release, version)
+        took = time.monotonic() - started
+        finished = time.monotonic()
+        time.sleep(10)
+    assert result.returncode == 0, result.stdout[-3000:]
+    outcomes = load.outcomes()
+    print(f"rolling update of {len(CELLS)} cells in {took:.0f} s under load: {dict(outcomes)}")
+    assert set(outcomes) == {"200"}, outcomes
+    assert outcomes["200"] > 20, outcomes
+    assert {installed_release(address) for address in CELLS.values()} == {version}
+    assert set(load.releases(since=finished)) == {version}
+    # Back to the release the lab had, the same way (a rollback is one more rolling update).
+    rollback = roll_out(ROOT / "app", baseline)
+    assert rollback.returncode == 0, rollback.stdout[-3000:]
+
+
+def test_a_failing_canary_stops_the_rollout_while_the_other_cell_serves(tmp_path: Path, baseline: str) -> None:
+    version = f"0.1.{int(time.time())}"
+    broken = release_of_app(tmp_path / "app", version, broken=True)
+    canary, other = sorted(CELLS)
+    url = f"https://{LOAD_BALANCER}/service"
+    with SteadyLoad(url) as load:
+        time.sleep(5)
+        result = roll_out(broken, version, "-e", "rolling_update_check_retries=5")
+        finished = time.monotonic()
+        time.sleep(10)
+    try:
+        assert result.returncode != 0, "the rollout went on past a canary that cannot serve"
+        assert server_state(canary) == "MAINT", "the failed canary is back in rotation"
+        assert server_state(other) == "UP"
+        assert installed_release(CELLS[other]) == baseline
+        outcomes = load.outcomes()
+        print(f"failed canary: {dict(outcomes)}; after the stop only {dict(load.releases(since=finished))} answered")
+        assert set(outcomes) == {"200"}, outcomes
+        assert set(load.releases(since=finished)) == {baseline}
+    finally:
+        repaired = roll_out(ROOT / "app", baseline)
+        assert repaired.returncode == 0, repaired.stdout[-3000:]
+        assert server_state(canary) == "UP"
