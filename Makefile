@@ -143,8 +143,12 @@ bench-service-pooled: venv ## /service on the lab's cell1, kernels as pooled con
 	@$(BIN)/python bench/service_pooled.py $(BENCH_ARGS)
 
 .PHONY: cluster-test
-cluster-test: venv ## Rolling update under load (0 failed requests) and a failing canary, on the lab; after `make up`
+cluster-test: venv ## Rolling update, add/remove a cell, a lost VM, all under load (0 failed); after `make up` (~40 min)
 	@$(BIN)/pytest -q -s -p no:cacheprovider tests/cluster
+
+.PHONY: bench-cluster
+bench-cluster: venv ## Snapshot, clone-to-serving of a new cell (per step), removal, rolling update plot; after `make up`
+	@$(BIN)/python bench/cluster_ops.py $(BENCH_ARGS)
 
 .PHONY: bench-stack
 bench-stack: venv ## Computations and permalink reads through HAProxy+TLS beside direct, on the lab; after `make up`

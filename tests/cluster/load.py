@@ -46,8 +46,8 @@ class SteadyLoad:
 
     url: str
     clients: int = 2
-    limit_seconds: float = 900
-    pause_seconds: float = 0.2
+    limit_seconds: float = 1800
+    pause_seconds: float = 2.0
     samples: list[Sample] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -79,7 +79,10 @@ class SteadyLoad:
                     outcome = str(answer.status) if ok else "wrong answer"
                     release = answer.headers.get("X-Cellserver-Version", "")
             except urllib.error.HTTPError as error:
-                outcome = str(error.code)
+                # The cell server names its release on every answer, errors too: without that header the
+                # answer came from HAProxy or nginx (no server, server gone, timeout).
+                release = error.headers.get("X-Cellserver-Version", "")
+                outcome = f"{error.code} {'from the cell' if release else 'from the proxy'}"
             except (OSError, ValueError) as error:
                 outcome = type(error).__name__
             with self._lock:

@@ -7,47 +7,16 @@ emulation, so this suite is not part of `make test`.
 
 from __future__ import annotations
 
-import os
-import shlex
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lab import CELLS, LOAD_BALANCER, ROOT, playbook, server_state, ssh
 from load import SteadyLoad, in_lab_namespace_possible
 
-ROOT = Path(__file__).resolve().parents[2]
-INVENTORY = ROOT / "inventory" / "lab" / "hosts.yml"
-SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
-LOAD_BALANCER = "10.77.0.11"
-CELLS = {"cell1": "10.77.0.12", "cell2": "10.77.0.13"}
-EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
-LAB_BRIDGE = "10.77.0.1"
-
 pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
-
-
-def ssh(address: str, command: str) -> str:
-    arguments = [
-        "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "ProxyCommand=ip netns exec cellfleet nc %h %p", "-i", SSH_KEY, f"root@{address}", command,
-    ]  # fmt: skip
-    return subprocess.run(arguments, check=True, capture_output=True, text=True, timeout=300).stdout
-
-
-def admin(command: str) -> str:
-    return ssh(LOAD_BALANCER, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
-
-
-def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    """ansible-playbook against the lab with the Makefile's settings; the output is kept for the report."""
-    binary = Path(sys.executable).with_name("ansible-playbook")
-    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "false"}
-    command = [str(binary), "-i", str(INVENTORY), str(ROOT / "playbooks" / name), *extra]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600, check=False)
 
 
 def release_of_app(target: Path, version: str, broken: bool = False) -> Path:
@@ -65,22 +34,6 @@ def installed_release(address: str) -> str:
     return ssh(address, "/opt/cellserver/venv/bin/cellserver --version").split()[-1]
 
 
-def server_state(cell: str) -> str:
-    for line in admin("show stat").splitlines():
-        fields = line.split(",")
-        if fields[:2] == ["cells", cell]:
-            return fields[17]
-    raise AssertionError(f"cells/{cell} not in the load balancer's stats")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def exempt_this_machine() -> Iterator[None]:
-    """The lab's rate limits are small; the steady load from the lab bridge must not meet them."""
-    admin(f"add acl {EXEMPT_LIST} {LAB_BRIDGE}")
-    yield
-    admin(f"del acl {EXEMPT_LIST} {LAB_BRIDGE}")
-
-
 @pytest.fixture(scope="module")
 def baseline() -> str:
     """The release the lab runs now; each test leaves every cell on it, in rotation."""
@@ -90,9 +43,11 @@ def baseline() -> str:
 
 
 def roll_out(source: Path, version: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    # A release of its own builds into a wheelhouse of its own, beside its sources: the lab's stays as it is.
+    wheelhouse = ROOT / ".cache" / "wheelhouse" if source == ROOT / "app" else source.parent / "wheelhouse"
     return playbook(
-        "rolling-update.yml", "-e", f"cellserver_app_source={source}", "-e", f"rolling_update_expect_version={version}",
-        *extra,
+        "rolling-update.yml", "-e", f"cellserver_app_source={source}", "-e", f"cellserver_app_wheelhouse={wheelhouse}",
+        "-e", f"rolling_update_expect_version={version}", *extra,
     )  # fmt: skip
 
 

@@ -151,3 +151,38 @@ def test_time_sync_service_runs(host: Host) -> None:
 
 def test_selinux_is_enforcing(host: Host) -> None:
     assert host.check_output("getenforce") == "Enforcing"
+
+
+def test_the_recorded_machine_id_is_this_machines(host: Host) -> None:
+    assert host.service("cellfleet-clone-identity").is_enabled
+    recorded = host.file("/var/lib/cellfleet/machine-id").content_string.strip()
+    assert recorded == host.file("/etc/machine-id").content_string.strip()
+    listed = host.file("/etc/cellfleet/clone-reset.d/base.list").content_string
+    assert "/etc/ssh/ssh_host_*_key" in listed
+
+
+def test_a_clone_removes_what_the_lists_name_and_keeps_the_rest(host: Host) -> None:
+    """The boot-time tool, run against a scratch directory as if this disk came from another machine."""
+    scratch = host.check_output("mktemp -d")
+    try:
+        host.run_test(
+            f"mkdir {scratch}/lists {scratch}/left && touch {scratch}/left/key {scratch}/left/key.pub {scratch}/kept"
+            f" && printf '# secrets\\n{scratch}/left/*\\n' > {scratch}/lists/test.list"
+            f" && echo 0123456789abcdef0123456789abcdef > {scratch}/record"
+        )
+        tool = (
+            f"CELLFLEET_MACHINE_ID_RECORD={scratch}/record CELLFLEET_CLONE_RESET_DIR={scratch}/lists "
+            "/usr/local/sbin/cellfleet-clone-identity"
+        )
+        first = host.run_test(tool)
+        assert f"removed {scratch}/left/key, left by machine 0123456789abcdef0123456789abcdef" in first.stdout
+        assert host.check_output(f"ls {scratch}/left") == ""
+        assert host.file(f"{scratch}/kept").exists
+        this_machine = host.file("/etc/machine-id").content_string.strip()
+        assert host.file(f"{scratch}/record").content_string.strip() == this_machine
+        # The same machine booting again removes nothing.
+        host.run_test(f"touch {scratch}/left/new")
+        assert host.run_test(tool).stdout == ""
+        assert host.file(f"{scratch}/left/new").exists
+    finally:
+        host.run(f"rm -rf {scratch}")

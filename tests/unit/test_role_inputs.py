@@ -57,6 +57,8 @@ BAD_INPUT = [
     ("tmp_cleanup", {"tmp_cleanup_extra_directories": ["/"]}, "absolute paths other than /"),
     ("selinux", {"selinux_state": "disabled"}, "selinux_state must be one of: enforcing, permissive"),
     ("base", {"base_ssh_port": 70000}, "SSH"),
+    ("base", {"base_clone_reset_extra_paths": ["/"]}, "never / itself"),
+    ("base", {"base_clone_reset_extra_paths": ["var/lib/app"]}, "must be absolute paths"),
     ("cell_server", {"cell_server_preforked": 9, "cell_server_max_kernels": 8}, "must not exceed max_kernels (8)"),
     ("cell_server", {"cell_server_port": 0}, "the port must be 1-65535 (got 0)"),
     ("cell_server", {"cell_server_kernel": "julia"}, "cell_server_kernel must be one of: python3, sage"),
@@ -82,6 +84,11 @@ BAD_INPUT = [
         "private_network_port",
     ),
     ("private_network", {"private_network_address": "10.78.0.1", "private_network_group": "nobody"}, "found 0"),
+    ("hypervisor", {"hypervisor_bridge": "bridge-of-the-lab"}, "the bridge a device name of 1-15 characters"),
+    ("hypervisor", {"hypervisor_dhcp_range": [200, 100]}, "2-254 in order (got [200, 100])"),
+    ("hypervisor", {"hypervisor_dhcp_hosts": [{"mac": "52:54:00:AA:00:01", "ip": "10.77.0.5"}]}, "a lowercase mac"),
+    ("hypervisor", {"hypervisor_network_mode": "nat"}, "hypervisor_network_mode"),
+    ("hypervisor", {"hypervisor_pool_path": "disks"}, "must be absolute"),
     ("rsyslog", {"rsyslog_servers_group": "nobody"}, "must name at least one log host (it has 0)"),
     ("rsyslog", {"rsyslog_servers_group": "all", "rsyslog_queue_max_disk": "lots"}, "(got 'lots')"),
     ("rsyslog", {"rsyslog_servers_group": "all", "rsyslog_tls_ca": "PEM"}, "rsyslog_tls_key (got 1)"),
@@ -100,7 +107,7 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path: Path, role: str, va
 
 
 @pytest.mark.parametrize(
-    "role", ["worker_pool", "tmp_cleanup", "selinux", "base", "cell_server", "nginx", "permalink_db"]
+    "role", ["worker_pool", "tmp_cleanup", "selinux", "base", "cell_server", "nginx", "permalink_db", "hypervisor"]
 )
 def test_default_input_passes_validation(tmp_path: Path, role: str) -> None:
     result = run_role(tmp_path, role, {})

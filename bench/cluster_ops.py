@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Cluster operations on the lab, timed: a snapshot of a serving cell, a new cell from it to serving (clone,
+boot, converge, health check, into the load balancer) with the share of each step, its removal, and a rolling
+update of both cells under a steady load, whose latency over time is plotted.
+
+The steps' times come from the playbooks' own task timer (ansible.posix.profile_tasks): each play of
+add-server.yml is a step. Everything runs under QEMU emulation (no KVM here). Prints a table, writes
+bench/results/cluster_ops.json and bench/results/rolling_update_latency.png. `make bench-cluster` after
+`make up`; takes about 20 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+
+from lab import CELLS, LAB_BRIDGE, LOAD_BALANCER, admin, playbook, ssh  # noqa: E402
+from load import Sample, SteadyLoad  # noqa: E402
+
+RESULTS = PROJECT_ROOT / "bench" / "results"
+EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
+NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
+TARGET_CLONE_TO_SERVING_S = 300
+ELAPSED = re.compile(r"\s(\d+):(\d\d):(\d\d\.\d+) \*+\s*$")
+# add-server.yml's plays, grouped into the steps the target names.
+STEPS = {
+    "Check the new server's name": "check",
+    "Clone the VMs on their hypervisor": "clone",
+    "Wait for the new VMs to answer SSH": "boot",
+    "Check the new server with a real computation": "health",
+    "Put the new server into every load balancer, at runtime": "load balancer",
+    "HAProxy in front of the cells and the permalink service": "load balancer",
+}
+
+
+def play_durations(output: str) -> list[tuple[str, float]]:
+    """(play name, seconds) from ansible-playbook output with the profile_tasks timer."""
+    starts: list[tuple[str, float | None]] = []
+    last = 0.0
+    for line in output.splitlines():
+        if line.startswith("PLAY [") and not line.startswith("PLAY RECAP"):
+            starts.append((line[6 : line.index("]")], None))
+        match = ELAPSED.search(line)
+        if match:
+            hours, minutes, seconds = match.groups()
+            last = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            if starts and starts[-1][1] is None:
+                starts[-1] = (starts[-1][0], last)
+    bounds = [(name, start if start is not None else last) for name, start in starts] + [("end", last)]
+    return [(name, bounds[i + 1][1] - start) for i, (name, start) in enumerate(bounds[:-1])]
+
+
+def steps_of(durations: list[tuple[str, float]]) -> dict[str, float]:
+    steps: dict[str, float] = {}
+    for name, seconds in durations:
+        step = STEPS.get(name, "converge")
+        steps[step] = steps.get(step, 0.0) + seconds
+    return steps
+
+
+def timed(name: str, *arguments: str, **options: Any) -> tuple[float, str]:
+    started = time.monotonic()
+    result = playbook(name, *arguments, **options)
+    took = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"{name} failed:\n{result.stdout[-4000:]}")
+    return took, result.stdout
+
+
+def new_cell_inventory(directory: Path) -> Path:
+    extra = directory / "new-cell.yml"
+    extra.write_text(f"all:\n  children:\n    cells:\n      hosts:\n        {NEW_CELL}:\n"
+                     f"          ansible_host: {NEW_CELL_ADDRESS}\n")  # fmt: skip
+    return extra
+
+
+def release_of_app(target: Path, version: str) -> Path:
+    shutil.copytree(PROJECT_ROOT / "app", target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    project = target / "pyproject.toml"
+    project.write_text(project.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1))
+    return target
+
+
+def roll_out(source: Path, wheelhouse: Path, version: str) -> tuple[float, str]:
+    return timed(
+        "rolling-update.yml", "-e", f"cellserver_app_source={source}", "-e", f"cellserver_app_wheelhouse={wheelhouse}",
+        "-e", f"rolling_update_expect_version={version}",
+    )  # fmt: skip
+
+
+def plot(samples: list[Sample], marks: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    origin = min(sample.started for sample in samples)
+    figure, axes = plt.subplots(figsize=(10, 4.5))
+    for outcome in sorted({sample.outcome for sample in samples}):
+        chosen = [sample for sample in samples if sample.outcome == outcome]
+        color = "tab:blue" if outcome == "200" else "tab:red"
+        times, latencies = [s.started - origin for s in chosen], [s.seconds for s in chosen]
+        axes.scatter(times, latencies, s=12, label=f"{outcome} ({len(chosen)})", color=color)
+    for label, stamp in marks.items():
+        axes.axvline(stamp - origin, color="grey", linestyle="--", linewidth=0.8)
+        axes.annotate(label, (stamp - origin, axes.get_ylim()[1]), rotation=90, va="top", ha="right", fontsize=8)
+    axes.set_xlabel("seconds since the load started")
+    axes.set_ylabel("request latency (s)")
+    axes.set_title("print(1+1) through HAProxy during a rolling update of 2 cells (lab, QEMU emulation)")
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-rolling-update", action="store_true", help="only the new cell's timings")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {}
+    admin(f"add acl {EXEMPT_LIST} {LAB_BRIDGE}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="cellfleet-bench-") as scratch_name:
+            scratch = Path(scratch_name)
+            snapshot_name = f"bench-cell1-{int(time.time())}"
+            took, _ = timed("snapshot.yml", "-e", "snapshot_source=cell1", "-e", f"snapshot_name={snapshot_name}")
+            report["snapshot_s"] = round(took, 1)
+            inventories = (PROJECT_ROOT / "inventory" / "lab" / "hosts.yml", new_cell_inventory(scratch))
+            try:
+                took, output = timed("add-server.yml", "-e", f"name={NEW_CELL}", "-e",
+                                     f"add_server_from={snapshot_name}", inventories=inventories)  # fmt: skip
+                report["clone_to_serving_s"] = round(took, 1)
+                steps = steps_of(play_durations(output))
+                report["clone_to_serving_steps_s"] = {step: round(seconds, 1) for step, seconds in steps.items()}
+            finally:
+                took, _ = timed("remove-server.yml", "-e", f"name={NEW_CELL}")
+                report["remove_server_s"] = round(took, 1)
+                subprocess.run(["rm", "-rf", f"/var/cache/cellfleet/snapshots/{snapshot_name}"], check=True)
+            if not args.skip_rolling_update:
+                report["rolling_update"] = rolling_update(scratch)
+    finally:
+        admin(f"del acl {EXEMPT_LIST} {LAB_BRIDGE}")
+    print_report(report)
+    (RESULTS / "cluster_ops.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def rolling_update(scratch: Path) -> dict[str, Any]:
+    baseline = ssh(CELLS["cell1"], "/opt/cellserver/venv/bin/cellserver --version").split()[-1]
+    version = f"0.1.{int(time.time())}"
+    release = release_of_app(scratch / "app", version)
+    marks: dict[str, float] = {}
+    with SteadyLoad(f"https://{LOAD_BALANCER}/service") as load:
+        time.sleep(15)
+        marks["rollout starts"] = time.monotonic()
+        took, _ = roll_out(release, scratch / "wheelhouse", version)
+        marks["rollout done"] = time.monotonic()
+        time.sleep(15)
+    samples = list(load.samples)
+    plot(samples, marks, RESULTS / "rolling_update_latency.png")
+    rollback, _ = roll_out(PROJECT_ROOT / "app", PROJECT_ROOT / ".cache" / "wheelhouse", baseline)
+    during = sorted(s.seconds for s in samples if marks["rollout starts"] <= s.started <= marks["rollout done"])
+    return {
+        "cells": len(CELLS), "seconds": round(took, 1), "rollback_seconds": round(rollback, 1),
+        "outcomes": dict(load.outcomes()), "requests_during": len(during),
+        "p50_during_s": round(during[len(during) // 2], 2) if during else None,
+        "max_during_s": round(during[-1], 2) if during else None,
+        "plot": "bench/results/rolling_update_latency.png",
+    }  # fmt: skip
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"snapshot of a serving cell: {report['snapshot_s']} s")
+    if "clone_to_serving_s" in report:
+        total = report["clone_to_serving_s"]
+        verdict = "met" if total <= TARGET_CLONE_TO_SERVING_S else "NOT met"
+        print(f"clone to serving (add-server.yml from the snapshot): {total} s "
+              f"(target <= {TARGET_CLONE_TO_SERVING_S} s: {verdict})")  # fmt: skip
+        for step, seconds in report["clone_to_serving_steps_s"].items():
+            print(f"  {step:<14} {seconds:7.1f} s  {100 * seconds / total:5.1f} %")
+    print(f"remove-server.yml: {report['remove_server_s']} s")
+    if "rolling_update" in report:
+        rolling = report["rolling_update"]
+        print(f"rolling update of {rolling['cells']} cells: {rolling['seconds']} s under load {rolling['outcomes']};")
+        print(f"  latency during it: p50 {rolling['p50_during_s']} s, max {rolling['max_during_s']} s")
+        print(f"  plot: {rolling['plot']}")
+
+
+if __name__ == "__main__":
+    main()

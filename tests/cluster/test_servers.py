@@ -1,0 +1,156 @@
+"""Servers coming and going on the running lab under a steady load through the load balancer: a snapshot of a
+serving cell, a new cell cloned from it and added, the same cell removed again, and a cell VM lost abruptly.
+
+Runs with `make cluster-test` after `make up` (root, on the lab's machine); minutes each under emulation.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from lab import CELLS, LOAD_BALANCER, ROOT, playbook, server_state, server_stats, ssh, virsh
+from load import SteadyLoad, in_lab_namespace_possible
+
+pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
+
+NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
+SNAPSHOTS = Path("/var/cache/cellfleet/snapshots")
+URL = f"https://{LOAD_BALANCER}/service"
+
+
+@pytest.fixture
+def snapshot() -> Iterator[str]:
+    """A snapshot of cell1, taken while it serves; removed afterwards."""
+    name = f"cftest-cell1-{int(time.time())}"
+    result = playbook("snapshot.yml", "-e", "snapshot_source=cell1", "-e", f"snapshot_name={name}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    yield name
+    subprocess.run(["rm", "-rf", str(SNAPSHOTS / name)], check=True)
+
+
+@pytest.fixture
+def inventory_with_new_cell(tmp_path: Path) -> Path:
+    """The operator's first step: the new cell declared in the inventory (here a second source beside the lab's)."""
+    extra = tmp_path / "new-cell.yml"
+    extra.write_text(f"all:\n  children:\n    cells:\n      hosts:\n        {NEW_CELL}:\n"
+                     f"          ansible_host: {NEW_CELL_ADDRESS}\n")  # fmt: skip
+    return extra
+
+
+def failures(load: SteadyLoad) -> dict[str, int]:
+    return {outcome: count for outcome, count in load.outcomes().items() if outcome != "200"}
+
+
+def test_snapshot_of_a_serving_cell_drops_nothing_and_its_clone_has_its_own_identity(
+    snapshot: str, inventory_with_new_cell: Path
+) -> None:
+    """Snapshot taken (fixture) before the load; then cell3 from it, added and removed under load."""
+    inventories = (ROOT / "inventory" / "lab" / "hosts.yml", inventory_with_new_cell)
+    assert server_stats(NEW_CELL) is None, "cell3 is already in the load balancer"
+    try:
+        with SteadyLoad(URL) as load:
+            time.sleep(5)
+            started = time.monotonic()
+            added = playbook(
+                "add-server.yml", "-e", f"name={NEW_CELL}", "-e", f"add_server_from={snapshot}", inventories=inventories
+            )
+            took = time.monotonic() - started
+            assert added.returncode == 0, added.stdout[-4000:]
+            assert server_state(NEW_CELL) == "UP"
+            # Cloned from cell1's disk, it kept none of cell1's identity.
+            identity = "cat /etc/machine-id /etc/wireguard/wg0.pub /etc/ssh/ssh_host_ed25519_key.pub"
+            source, clone = (ssh(address, identity).split("\n") for address in (CELLS["cell1"], NEW_CELL_ADDRESS))
+            assert all(mine != theirs for mine, theirs in zip(source[:3], clone[:3], strict=True)), (source, clone)
+            assert len(ssh(CELLS["cell1"], "wg show wg0 latest-handshakes").splitlines()) == 4
+            # leastconn sends the new cell its share once it is up.
+            deadline = time.monotonic() + 120
+            while int(server_stats(NEW_CELL)["stot"]) == 0 and time.monotonic() < deadline:
+                time.sleep(2)
+            served_by_new = int(server_stats(NEW_CELL)["stot"])
+            added_outcomes = dict(load.outcomes())
+            started = time.monotonic()
+            removed = playbook("remove-server.yml", "-e", f"name={NEW_CELL}")
+            took_removal = time.monotonic() - started
+            time.sleep(5)
+        print(f"add-server from {snapshot} in {took:.0f} s; cell3 served {served_by_new} requests; remove-server"
+              f" in {took_removal:.0f} s; load: {added_outcomes} then {dict(load.outcomes())}")  # fmt: skip
+        assert removed.returncode == 0, removed.stdout[-4000:]
+        assert served_by_new > 0, "cell3 was added but took no request"
+        assert failures(load) == {}, load.outcomes()
+        assert server_stats(NEW_CELL) is None, "cell3 is still in the running load balancer"
+        assert NEW_CELL not in virsh("list", "--all", "--name").split()
+        assert f"server {NEW_CELL} " not in ssh(LOAD_BALANCER, "cat /etc/haproxy/haproxy.cfg")
+    finally:
+        if NEW_CELL in virsh("list", "--all", "--name").split():
+            playbook("remove-server.yml", "-e", f"name={NEW_CELL}")
+
+
+class StatusWatch:
+    """Streams one server's status from the load balancer (every 0.1 s), stamped with this machine's clock."""
+
+    def __init__(self, server: str) -> None:
+        script = (
+            "while :; do echo 'show stat' | socat stdio unix-connect:/run/haproxy/admin.sock"
+            f' | awk -F, \'$1=="cells" && $2=="{server}" {{print $18; fflush()}}\'; sleep 0.1; done'
+        )
+        command = ["ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                   "UserKnownHostsFile=/dev/null", "-o", "ProxyCommand=ip netns exec cellfleet nc %h %p",
+                   "-i", "/var/lib/cellfleet/lab/ssh/id_ed25519", f"root@{LOAD_BALANCER}", script]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.samples: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.samples.append((time.monotonic(), line.strip()))
+
+    def first(self, predicate: Callable[[str], bool], since: float) -> float | None:
+        return next((stamp for stamp, status in list(self.samples) if stamp >= since and predicate(status)), None)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def test_a_cell_vm_lost_abruptly_is_out_of_rotation_in_seconds() -> None:
+    victim = "cell2"
+    watch = StatusWatch(victim)
+    try:
+        with SteadyLoad(URL) as load:
+            time.sleep(10)
+            assert watch.samples and watch.samples[-1][1] == "UP", watch.samples[-3:]
+            destroyed = time.monotonic()
+            virsh("destroy", victim)
+            deadline = destroyed + 60
+            while watch.first(lambda status: not status.startswith("UP"), destroyed) is None:
+                assert time.monotonic() < deadline, f"{victim} still UP a minute after its VM was destroyed"
+                time.sleep(0.2)
+            out = watch.first(lambda status: not status.startswith("UP"), destroyed)
+            time.sleep(30)
+        before = [s for s in load.samples if s.started < out]
+        after = [s for s in load.samples if s.started >= out]
+        failed_before = [s.outcome for s in before if s.outcome != "200"]
+        failed_after = [s.outcome for s in after if s.outcome != "200"]
+        slowest_before = max((s.seconds for s in before if s.started + s.seconds > destroyed), default=0.0)
+        print(f"{victim} destroyed: out of rotation after {out - destroyed:.1f} s; requests sent before that: "
+              f"{len(before)}, failed {failed_before}, slowest in flight {slowest_before:.1f} s; "
+              f"after: {len(after)}, failed {failed_after}")  # fmt: skip
+        assert out - destroyed <= 5, f"{out - destroyed:.1f} s to take a lost cell out of rotation"
+        assert failed_after == [], failed_after
+        assert len(after) > 5
+    finally:
+        watch.stop()
+        # Back as it was: the same VM boots from its own disk and HAProxy's checks bring it back.
+        if virsh("domstate", victim).strip() != "running":
+            virsh("start", victim)
+        deadline = time.monotonic() + 600
+        while server_state(victim) != "UP":
+            assert time.monotonic() < deadline, f"{victim} not back UP 10 min after its restart"
+            time.sleep(5)
