@@ -52,10 +52,13 @@ def log(message: str) -> None:
     print(f"[image] {message}", flush=True)
 
 
-def role_packages(roles_dir: Path, family: str = "Debian") -> list[str]:
-    """Every package any role installs on an OS family, from `__*_packages` in vars/<family>.yml."""
+def role_packages(roles_dir: Path, family: str = "Debian", skipped_roles: frozenset[str] = frozenset()) -> list[str]:
+    """Every package a role installs on an OS family, from `__*_packages` in vars/<family>.yml, except the
+    skipped roles' (those that configure the hypervisors, not the cluster's guests)."""
     packages: set[str] = set()
     for vars_file in sorted(roles_dir.glob(f"*/vars/{family}.yml")):
+        if vars_file.parent.parent.name in skipped_roles:
+            continue
         data = yaml.safe_load(vars_file.read_text()) or {}
         for name, value in data.items():
             if PACKAGE_VAR_PATTERN.match(name):
@@ -77,7 +80,8 @@ def tree_digest(directory: Path) -> str:
 
 def load_recipe(image_dir: Path, roles_dir: Path) -> Recipe:
     spec = yaml.safe_load((image_dir / "image.yml").read_text())
-    packages = sorted(set(spec["boot_packages"]) | set(role_packages(roles_dir)))
+    skipped = frozenset(spec.get("roles_not_in_image", []))
+    packages = sorted(set(spec["boot_packages"]) | set(role_packages(roles_dir, skipped_roles=skipped)))
     digest = hashlib.sha256()
     digest.update(Path(__file__).read_bytes())
     digest.update((image_dir / "image.yml").read_bytes())

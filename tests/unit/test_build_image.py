@@ -26,6 +26,15 @@ def test_packages_come_from_every_role_of_the_family(tmp_path: Path) -> None:
     assert build_image.role_packages(tmp_path, family="RedHat") == ["nginx-core"]
 
 
+def test_the_hypervisors_roles_stay_out_of_the_guest_image(tmp_path: Path) -> None:
+    write_role_vars(tmp_path, "base", "Debian", "__base_packages: [nftables]\n")
+    write_role_vars(tmp_path, "hypervisor", "Debian", "__hypervisor_packages: [qemu-system-x86]\n")
+    assert build_image.role_packages(tmp_path, skipped_roles=frozenset({"hypervisor"})) == ["nftables"]
+    root = build_image.PROJECT_ROOT
+    recipe = build_image.load_recipe(root / "images" / "debian12", root / "roles")
+    assert "qemu-system-x86" not in recipe.packages and "libvirt-daemon-system" not in recipe.packages
+
+
 def test_a_package_variable_that_is_not_a_list_is_refused(tmp_path: Path) -> None:
     write_role_vars(tmp_path, "base", "Debian", "__base_packages: nftables\n")
     with pytest.raises(ValueError, match="must be a list of package names"):
