@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,20 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
 
-from lab import CELLS, LAB_BRIDGE, LOAD_BALANCER, admin, playbook, ssh  # noqa: E402
+from lab import (  # noqa: E402
+    CELLS,
+    LOAD_BALANCER,
+    NEW_CELL,
+    installed_release,
+    inventory_with_new_cell,
+    playbook,
+    rate_limits_exempted,
+    release_of_app,
+    wheelhouse_for,
+)
 from load import Sample, SteadyLoad  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
-EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
-NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
 TARGET_CLONE_TO_SERVING_S = 300
 ELAPSED = re.compile(r"\s(\d+):(\d\d):(\d\d\.\d+) \*+\s*$")
 # add-server.yml's plays, grouped into the steps the target names.
@@ -78,24 +85,10 @@ def timed(name: str, *arguments: str, **options: Any) -> tuple[float, str]:
     return took, result.stdout
 
 
-def new_cell_inventory(directory: Path) -> Path:
-    extra = directory / "new-cell.yml"
-    extra.write_text(f"all:\n  children:\n    cells:\n      hosts:\n        {NEW_CELL}:\n"
-                     f"          ansible_host: {NEW_CELL_ADDRESS}\n")  # fmt: skip
-    return extra
-
-
-def release_of_app(target: Path, version: str) -> Path:
-    shutil.copytree(PROJECT_ROOT / "app", target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    project = target / "pyproject.toml"
-    project.write_text(project.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1))
-    return target
-
-
-def roll_out(source: Path, wheelhouse: Path, version: str) -> tuple[float, str]:
+def roll_out(source: Path, version: str) -> tuple[float, str]:
     return timed(
-        "rolling-update.yml", "-e", f"cellserver_app_source={source}", "-e", f"cellserver_app_wheelhouse={wheelhouse}",
-        "-e", f"rolling_update_expect_version={version}",
+        "rolling-update.yml", "-e", f"cellserver_app_source={source}",
+        "-e", f"cellserver_app_wheelhouse={wheelhouse_for(source)}", "-e", f"rolling_update_expect_version={version}",
     )  # fmt: skip
 
 
@@ -129,46 +122,42 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
-    admin(f"add acl {EXEMPT_LIST} {LAB_BRIDGE}")
-    try:
-        with tempfile.TemporaryDirectory(prefix="cellfleet-bench-") as scratch_name:
-            scratch = Path(scratch_name)
-            snapshot_name = f"bench-cell1-{int(time.time())}"
-            took, _ = timed("snapshot.yml", "-e", "snapshot_source=cell1", "-e", f"snapshot_name={snapshot_name}")
-            report["snapshot_s"] = round(took, 1)
-            inventories = (PROJECT_ROOT / "inventory" / "lab" / "hosts.yml", new_cell_inventory(scratch))
-            try:
-                took, output = timed("add-server.yml", "-e", f"name={NEW_CELL}", "-e",
-                                     f"add_server_from={snapshot_name}", inventories=inventories)  # fmt: skip
-                report["clone_to_serving_s"] = round(took, 1)
-                steps = steps_of(play_durations(output))
-                report["clone_to_serving_steps_s"] = {step: round(seconds, 1) for step, seconds in steps.items()}
-            finally:
-                took, _ = timed("remove-server.yml", "-e", f"name={NEW_CELL}")
-                report["remove_server_s"] = round(took, 1)
-                subprocess.run(["rm", "-rf", f"/var/cache/cellfleet/snapshots/{snapshot_name}"], check=True)
-            if not args.skip_rolling_update:
-                report["rolling_update"] = rolling_update(scratch)
-    finally:
-        admin(f"del acl {EXEMPT_LIST} {LAB_BRIDGE}")
+    with rate_limits_exempted(), tempfile.TemporaryDirectory(prefix="cellfleet-bench-") as scratch_name:
+        scratch = Path(scratch_name)
+        snapshot_name = f"bench-cell1-{int(time.time())}"
+        took, _ = timed("snapshot.yml", "-e", "snapshot_source=cell1", "-e", f"snapshot_name={snapshot_name}")
+        report["snapshot_s"] = round(took, 1)
+        inventories = (PROJECT_ROOT / "inventory" / "lab" / "hosts.yml", inventory_with_new_cell(scratch))
+        try:
+            took, output = timed("add-server.yml", "-e", f"name={NEW_CELL}", "-e",
+                                 f"add_server_from={snapshot_name}", inventories=inventories)  # fmt: skip
+            report["clone_to_serving_s"] = round(took, 1)
+            steps = steps_of(play_durations(output))
+            report["clone_to_serving_steps_s"] = {step: round(seconds, 1) for step, seconds in steps.items()}
+        finally:
+            took, _ = timed("remove-server.yml", "-e", f"name={NEW_CELL}")
+            report["remove_server_s"] = round(took, 1)
+            subprocess.run(["rm", "-rf", f"/var/cache/cellfleet/snapshots/{snapshot_name}"], check=True)
+        if not args.skip_rolling_update:
+            report["rolling_update"] = rolling_update(scratch)
     print_report(report)
     (RESULTS / "cluster_ops.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def rolling_update(scratch: Path) -> dict[str, Any]:
-    baseline = ssh(CELLS["cell1"], "/opt/cellserver/venv/bin/cellserver --version").split()[-1]
+    baseline = installed_release(CELLS["cell1"])
     version = f"0.1.{int(time.time())}"
     release = release_of_app(scratch / "app", version)
     marks: dict[str, float] = {}
     with SteadyLoad(f"https://{LOAD_BALANCER}/service") as load:
         time.sleep(15)
         marks["rollout starts"] = time.monotonic()
-        took, _ = roll_out(release, scratch / "wheelhouse", version)
+        took, _ = roll_out(release, version)
         marks["rollout done"] = time.monotonic()
         time.sleep(15)
     samples = list(load.samples)
     plot(samples, marks, RESULTS / "rolling_update_latency.png")
-    rollback, _ = roll_out(PROJECT_ROOT / "app", PROJECT_ROOT / ".cache" / "wheelhouse", baseline)
+    rollback, _ = roll_out(PROJECT_ROOT / "app", baseline)
     during = sorted(s.seconds for s in samples if marks["rollout starts"] <= s.started <= marks["rollout done"])
     return {
         "cells": len(CELLS), "seconds": round(took, 1), "rollback_seconds": round(rollback, 1),

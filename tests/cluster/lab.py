@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,15 +18,22 @@ LOAD_BALANCER = "10.77.0.11"
 CELLS = {"cell1": "10.77.0.12", "cell2": "10.77.0.13"}
 LAB_BRIDGE = "10.77.0.1"
 LIBVIRT = "qemu:///system"
+EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
+NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
 
 
-def ssh(address: str, command: str, timeout: float = 300) -> str:
-    arguments = [
+def ssh_command(address: str, command: str) -> list[str]:
+    """The argv that runs command as root on the lab VM at address, through the lab namespace."""
+    return [
         "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
         "-o", "ConnectTimeout=20", "-o", "ProxyCommand=ip netns exec cellfleet nc %h %p", "-i", SSH_KEY,
         f"root@{address}", command,
     ]  # fmt: skip
-    return subprocess.run(arguments, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def ssh(address: str, command: str, timeout: float = 300) -> str:
+    return subprocess.run(ssh_command(address, command), check=True, capture_output=True, text=True,
+                          timeout=timeout).stdout  # fmt: skip
 
 
 def admin(command: str) -> str:
@@ -58,3 +68,41 @@ def playbook(name: str, *extra: str, inventories: tuple[Path, ...] = (INVENTORY,
 
 def virsh(*arguments: str) -> str:
     return subprocess.run(["virsh", "-c", LIBVIRT, *arguments], check=True, capture_output=True, text=True).stdout
+
+
+@contextmanager
+def rate_limits_exempted() -> Iterator[None]:
+    """The lab's rate limits are small; a steady load from the lab bridge must not meet them."""
+    admin(f"add acl {EXEMPT_LIST} {LAB_BRIDGE}")
+    try:
+        yield
+    finally:
+        admin(f"del acl {EXEMPT_LIST} {LAB_BRIDGE}")
+
+
+def installed_release(address: str) -> str:
+    return ssh(address, "/opt/cellserver/venv/bin/cellserver --version").split()[-1]
+
+
+def release_of_app(target: Path, version: str, broken: bool = False) -> Path:
+    """A copy of app/ that installs as `version`; a broken one cannot start its server."""
+    shutil.copytree(ROOT / "app", target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    project = target / "pyproject.toml"
+    project.write_text(project.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1))
+    if broken:
+        with (target / "src" / "cellserver" / "service.py").open("a") as module:
+            module.write('\nraise RuntimeError("a release that cannot serve, made by the rolling-update test")\n')
+    return target
+
+
+def wheelhouse_for(source: Path) -> Path:
+    """A release of its own builds into a wheelhouse of its own, beside its sources: the lab's stays as it is."""
+    return ROOT / ".cache" / "wheelhouse" if source == ROOT / "app" else source.parent / "wheelhouse"
+
+
+def inventory_with_new_cell(directory: Path) -> Path:
+    """The operator's first step: the new cell declared in the inventory (a second source beside the lab's)."""
+    extra = directory / "new-cell.yml"
+    extra.write_text(f"all:\n  children:\n    cells:\n      hosts:\n        {NEW_CELL}:\n"
+                     f"          ansible_host: {NEW_CELL_ADDRESS}\n")  # fmt: skip
+    return extra

@@ -7,31 +7,24 @@ emulation, so this suite is not part of `make test`.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from lab import CELLS, LOAD_BALANCER, ROOT, playbook, server_state, ssh
+from lab import (
+    CELLS,
+    LOAD_BALANCER,
+    ROOT,
+    installed_release,
+    playbook,
+    release_of_app,
+    server_state,
+    wheelhouse_for,
+)  # fmt: skip
 from load import SteadyLoad, in_lab_namespace_possible
 
 pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
-
-
-def release_of_app(target: Path, version: str, broken: bool = False) -> Path:
-    """A copy of app/ that installs as `version`; a broken one cannot start its server."""
-    shutil.copytree(ROOT / "app", target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    project = target / "pyproject.toml"
-    project.write_text(project.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1))
-    if broken:
-        with (target / "src" / "cellserver" / "service.py").open("a") as module:
-            module.write('\nraise RuntimeError("a release that cannot serve, made by the rolling-update test")\n')
-    return target
-
-
-def installed_release(address: str) -> str:
-    return ssh(address, "/opt/cellserver/venv/bin/cellserver --version").split()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +36,10 @@ def baseline() -> str:
 
 
 def roll_out(source: Path, version: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    # A release of its own builds into a wheelhouse of its own, beside its sources: the lab's stays as it is.
-    wheelhouse = ROOT / ".cache" / "wheelhouse" if source == ROOT / "app" else source.parent / "wheelhouse"
     return playbook(
-        "rolling-update.yml", "-e", f"cellserver_app_source={source}", "-e", f"cellserver_app_wheelhouse={wheelhouse}",
-        "-e", f"rolling_update_expect_version={version}", *extra,
+        "rolling-update.yml", "-e", f"cellserver_app_source={source}",
+        "-e", f"cellserver_app_wheelhouse={wheelhouse_for(source)}", "-e", f"rolling_update_expect_version={version}",
+        *extra,
     )  # fmt: skip
 
 

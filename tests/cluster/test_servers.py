@@ -12,13 +12,25 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lab
 import pytest
-from lab import CELLS, LOAD_BALANCER, ROOT, playbook, server_state, server_stats, ssh, virsh
+from lab import (
+    CELLS,
+    LOAD_BALANCER,
+    NEW_CELL,
+    NEW_CELL_ADDRESS,
+    ROOT,
+    playbook,
+    server_state,
+    server_stats,
+    ssh,
+    ssh_command,
+    virsh,
+)
 from load import SteadyLoad, in_lab_namespace_possible
 
 pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
 
-NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
 SNAPSHOTS = Path("/var/cache/cellfleet/snapshots")
 URL = f"https://{LOAD_BALANCER}/service"
 
@@ -35,11 +47,7 @@ def snapshot() -> Iterator[str]:
 
 @pytest.fixture
 def inventory_with_new_cell(tmp_path: Path) -> Path:
-    """The operator's first step: the new cell declared in the inventory (here a second source beside the lab's)."""
-    extra = tmp_path / "new-cell.yml"
-    extra.write_text(f"all:\n  children:\n    cells:\n      hosts:\n        {NEW_CELL}:\n"
-                     f"          ansible_host: {NEW_CELL_ADDRESS}\n")  # fmt: skip
-    return extra
+    return lab.inventory_with_new_cell(tmp_path)
 
 
 def failures(load: SteadyLoad) -> dict[str, int]:
@@ -102,10 +110,7 @@ class StatusWatch:
             "while :; do echo 'show stat' | socat stdio unix-connect:/run/haproxy/admin.sock"
             f' | awk -F, \'$1=="cells" && $2=="{server}" {{print $18; fflush()}}\'; sleep 0.1; done'
         )
-        command = ["ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
-                   "UserKnownHostsFile=/dev/null", "-o", "ProxyCommand=ip netns exec cellfleet nc %h %p",
-                   "-i", "/var/lib/cellfleet/lab/ssh/id_ed25519", f"root@{LOAD_BALANCER}", script]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(ssh_command(LOAD_BALANCER, script), stdout=subprocess.PIPE, text=True)
         self.samples: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
