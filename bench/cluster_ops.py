@@ -45,7 +45,7 @@ STEPS = {
     "Check the new server's name": "check",
     "Clone the VMs on their hypervisor": "clone",
     "Wait for the new VMs to answer SSH": "boot",
-    "Check the new server with a real computation": "health",
+    "Check the new server with real computations": "health",
     "Put the new server into every load balancer, at runtime": "load balancer",
     "HAProxy in front of the cells and the permalink service": "load balancer",
 }
@@ -132,8 +132,9 @@ def main() -> None:
             took, output = timed("add-server.yml", "-e", f"name={NEW_CELL}", "-e",
                                  f"add_server_from={snapshot_name}", inventories=inventories)  # fmt: skip
             report["clone_to_serving_s"] = round(took, 1)
-            steps = steps_of(play_durations(output))
-            report["clone_to_serving_steps_s"] = {step: round(seconds, 1) for step, seconds in steps.items()}
+            plays = play_durations(output)
+            report["clone_to_serving_steps_s"] = {step: round(seconds, 1) for step, seconds in steps_of(plays).items()}
+            report["clone_to_serving_plays_s"] = [[name, round(seconds, 1)] for name, seconds in plays]
         finally:
             took, _ = timed("remove-server.yml", "-e", f"name={NEW_CELL}")
             report["remove_server_s"] = round(took, 1)
@@ -177,6 +178,9 @@ def print_report(report: dict[str, Any]) -> None:
               f"(target <= {TARGET_CLONE_TO_SERVING_S} s: {verdict})")  # fmt: skip
         for step, seconds in report["clone_to_serving_steps_s"].items():
             print(f"  {step:<14} {seconds:7.1f} s  {100 * seconds / total:5.1f} %")
+        print("  by play:")
+        for name, seconds in report["clone_to_serving_plays_s"]:
+            print(f"    {seconds:7.1f} s  {name}")
     print(f"remove-server.yml: {report['remove_server_s']} s")
     if "rolling_update" in report:
         rolling = report["rolling_update"]

@@ -85,3 +85,20 @@ def test_health_probes_share_one_recent_computation(tmp_path: Path) -> None:
         assert time.monotonic() - started < 1.0, "each probe ran its own computation"
     finally:
         server.stop()
+
+
+def test_health_probes_do_not_wait_for_a_refresh(tmp_path: Path) -> None:
+    # Every result is stale at once (max age 0), and with no reserve each refresh waits for a kernel start:
+    # probes that waited for it would take seconds; they get the previous result while it runs.
+    settings = tmp_path / "cellserver.toml"
+    settings.write_text("health_max_age = 0\n")
+    server = compute_server(tmp_path, "--config", str(settings), "--max-kernels", "1", "--preforked", "0")
+    server.start()
+    try:
+        assert server.request("GET", "/health")[0] == 200
+        started = time.monotonic()
+        for _ in range(10):
+            assert server.request("GET", "/health")[0] == 200
+        assert time.monotonic() - started < 1.0, "probes waited for the refreshing computation"
+    finally:
+        server.stop()

@@ -19,11 +19,18 @@ ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 
 
 def run_role(tmp_path: Path, role: str, variables: dict) -> subprocess.CompletedProcess[str]:
+    """role, or role:entry_point for an entry point other than main (include_role with tasks_from)."""
+    name, _, entry_point = role.partition(":")
     playbook = tmp_path / "play.yml"
-    playbook.write_text(
-        f"- hosts: localhost\n  connection: local\n  gather_facts: true\n  gather_subset: [min]\n"
-        f"  roles:\n    - role: {role}\n"
-    )
+    play = "- hosts: localhost\n  connection: local\n  gather_facts: true\n  gather_subset: [min]\n"
+    if entry_point:
+        play += (
+            f"  tasks:\n    - ansible.builtin.include_role:\n        name: {name}\n"
+            f"        tasks_from: {entry_point}\n      tags: [validate]\n"
+        )
+    else:
+        play += f"  roles:\n    - role: {name}\n"
+    playbook.write_text(play)
     env = {
         **os.environ,
         "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
@@ -93,6 +100,12 @@ BAD_INPUT = [
     ("rsyslog", {"rsyslog_servers_group": "all", "rsyslog_queue_max_disk": "lots"}, "(got 'lots')"),
     ("rsyslog", {"rsyslog_servers_group": "all", "rsyslog_tls_ca": "PEM"}, "rsyslog_tls_key (got 1)"),
     ("rsyslog", {"rsyslog_servers_group": "all", "rsyslog_relp_port": 0}, "1-65535 (got 0)"),
+    (
+        "haproxy:rotation",
+        {"haproxy_rotation_server": "cell1", "haproxy_rotation_state": "sideways"},
+        "haproxy_rotation_state must be one of: in, out",
+    ),
+    ("haproxy:rotation", {"haproxy_rotation_state": "in"}, "missing required arguments: haproxy_rotation_server"),
 ]
 
 

@@ -95,7 +95,13 @@ class ServiceHandler(PublicAPIHandler):
 
 class HealthProbe:
     """One real computation, shared: load balancers probe every second, a kernel per probe would be a load
-    of its own. A result younger than max_age answers; concurrent probes wait for the same computation."""
+    of its own. A result younger than max_age answers; an older one starts a fresh computation.
+
+    While that computation runs, probes get the previous result at once (for up to HEALTH_TIMEOUT_SECONDS
+    more) instead of waiting for it: a probe that waits on a computation holds its connection open, and a
+    load balancer only notices that a VM is gone once such an in-flight probe times out (seconds, not one
+    check interval). Past that, probes wait for the computation, which ends within HEALTH_TIMEOUT_SECONDS.
+    """
 
     def __init__(self, pool: KernelPool, max_age: float) -> None:
         self.pool = pool
@@ -104,31 +110,40 @@ class HealthProbe:
         self._running: asyncio.Future[str | None] | None = None
 
     async def failure(self) -> str | None:
-        """None when a computation printed 42 within max_age seconds, otherwise why it did not."""
-        if self._last and time.monotonic() - self._last[0] < self.max_age:
+        """None when a computation printed 42 recently enough, otherwise why it did not."""
+        age = time.monotonic() - self._last[0] if self._last else None
+        if self._last and age is not None and age < self.max_age:
             return self._last[1]
         if self._running is None:
             self._running = asyncio.ensure_future(self._compute())
-        running = self._running
-        try:
-            return await asyncio.shield(running)
-        finally:
-            if running.done() and self._running is running:
-                self._running = None
+            self._running.add_done_callback(self._forget)
+        if self._last and age is not None and age < self.max_age + HEALTH_TIMEOUT_SECONDS:
+            return self._last[1]
+        return await asyncio.shield(self._running)
+
+    def _forget(self, finished: asyncio.Future[str | None]) -> None:
+        if self._running is finished:
+            self._running = None
 
     async def _compute(self) -> str | None:
+        # It may run with no probe awaiting it: whatever goes wrong is recorded as the failure, not raised.
+        try:
+            result = await self._compute_once()
+        except Exception as error:
+            result = f"the health computation failed: {error!r}"
+        self._last = (time.monotonic(), result)
+        return result
+
+    async def _compute_once(self) -> str | None:
         try:
             kernel = await self.pool.acquire()
         except KernelsBusyError:
-            result: str | None = "no kernel available"
-        else:
-            try:
-                answer = await execute(kernel, "print(6 * 7)", {}, HEALTH_TIMEOUT_SECONDS)
-            finally:
-                self.pool.release(kernel)
-            result = None if answer["stdout"] == "42\n" else f"the health computation answered {answer['stdout']!r}"
-        self._last = (time.monotonic(), result)
-        return result
+            return "no kernel available"
+        try:
+            answer = await execute(kernel, "print(6 * 7)", {}, HEALTH_TIMEOUT_SECONDS)
+        finally:
+            self.pool.release(kernel)
+        return None if answer["stdout"] == "42\n" else f"the health computation answered {answer['stdout']!r}"
 
 
 class HealthHandler(JSONErrorHandler):
