@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
-from lab_ssh import ssh
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+
+from lab import ssh  # noqa: E402
+
 RESULTS = PROJECT_ROOT / "bench" / "results" / "service_pooled.json"
 
 LOAD = r"""

@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
 from pathlib import Path
 from typing import Any
 
-from lab_ssh import ssh
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+
+from lab import rate_limits_exempted, ssh  # noqa: E402
+
 RESULTS = PROJECT_ROOT / "bench" / "results" / "stack.json"
-EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
 
 # Runs on the client VM: concurrency threads, each with one keep-alive connection to its URL (round robin
 # over the URLs), sending requests back to back for a while. Prints latencies of good answers and the rest.
@@ -77,19 +77,6 @@ print(urllib.request.urlopen(sys.argv[1], data, context=context).read().decode()
 """
 
 
-def admin(load_balancer: str, command: str) -> str:
-    return ssh(load_balancer, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
-
-
-@contextmanager
-def rate_limit_exemption(load_balancer: str, source: str) -> Iterator[None]:
-    admin(load_balancer, f"add acl {EXEMPT_LIST} {source}")
-    try:
-        yield
-    finally:
-        admin(load_balancer, f"del acl {EXEMPT_LIST} {source}")
-
-
 def percentile(ordered: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
@@ -121,7 +108,7 @@ def main() -> None:
     balanced = "https://127.0.0.1"
     computation = {"code": "print(1+1)"}
     results: dict[str, Any] = {"through HAProxy+TLS": {}, "direct": {}}
-    with rate_limit_exemption(lb, "127.0.0.1"):
+    with rate_limits_exempted("127.0.0.1", lb):
         drive(lb, [f"{balanced}/service"], "POST", computation, None, 2, 5)  # warm-up: the reserves fill
         for clients in (1, 8):
             load = f"print(1+1), {clients} client{'s' * (clients > 1)}"

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
-from lab_ssh import ssh
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+
+from lab import ssh  # noqa: E402
+
 RESULTS = PROJECT_ROOT / "bench" / "results" / "unit_security.json"
 UNITS = {
     "10.77.0.12": ["cellserver.service", "cellfleet-kernel-provider.service", "nginx.service"],

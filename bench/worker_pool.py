@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-from lab_ssh import ssh
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+
+from lab import ssh  # noqa: E402
+
 RESULTS = PROJECT_ROOT / "bench" / "results" / "worker_pool.json"
 
 RUN = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-run"

@@ -1,4 +1,5 @@
-"""The running lab as the cluster tests see it: SSH to its VMs, the load balancer's runtime API, playbooks."""
+"""The running lab as the cluster tests and the lab benchmarks see it: SSH to its VMs, the load balancer's
+runtime API, playbooks."""
 
 from __future__ import annotations
 
@@ -22,22 +23,24 @@ EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
 NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
 
 
-def ssh_command(address: str, command: str) -> list[str]:
-    """The argv that runs command as root on the lab VM at address, through the lab namespace."""
+def ssh_command(address: str, command: str, *arguments: str) -> list[str]:
+    """The argv that runs command (with arguments) as root on the lab VM at address, through the lab namespace."""
     return [
         "ssh", "-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
         "-o", "ConnectTimeout=20", "-o", "ProxyCommand=ip netns exec cellfleet nc %h %p", "-i", SSH_KEY,
-        f"root@{address}", command,
+        f"root@{address}", command, *arguments,
     ]  # fmt: skip
 
 
-def ssh(address: str, command: str, timeout: float = 300) -> str:
-    return subprocess.run(ssh_command(address, command), check=True, capture_output=True, text=True,
+def ssh(address: str, command: str, *arguments: str, check: bool = True, timeout: float = 1800) -> str:
+    """Standard output of command (with arguments) run as root on the lab VM at address."""
+    return subprocess.run(ssh_command(address, command, *arguments), check=check, capture_output=True, text=True,
                           timeout=timeout).stdout  # fmt: skip
 
 
-def admin(command: str) -> str:
-    return ssh(LOAD_BALANCER, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
+def admin(command: str, load_balancer: str = LOAD_BALANCER) -> str:
+    """One command on the load balancer's HAProxy runtime API, its answer."""
+    return ssh(load_balancer, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
 
 
 def server_stats(server: str, backend: str = "cells") -> dict[str, str] | None:
@@ -71,13 +74,14 @@ def virsh(*arguments: str) -> str:
 
 
 @contextmanager
-def rate_limits_exempted() -> Iterator[None]:
-    """The lab's rate limits are small; a steady load from the lab bridge must not meet them."""
-    admin(f"add acl {EXEMPT_LIST} {LAB_BRIDGE}")
+def rate_limits_exempted(source: str = LAB_BRIDGE, load_balancer: str = LOAD_BALANCER) -> Iterator[None]:
+    """The lab's rate limits are small; a steady load (from the lab bridge) must not meet them. Runtime only:
+    the next reload forgets it."""
+    admin(f"add acl {EXEMPT_LIST} {source}", load_balancer)
     try:
         yield
     finally:
-        admin(f"del acl {EXEMPT_LIST} {LAB_BRIDGE}")
+        admin(f"del acl {EXEMPT_LIST} {source}", load_balancer)
 
 
 def installed_release(address: str) -> str:
