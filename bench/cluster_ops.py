@@ -132,6 +132,7 @@ def main() -> None:
             took, output = timed("add-server.yml", "-e", f"name={NEW_CELL}", "-e",
                                  f"add_server_from={snapshot_name}", inventories=inventories)  # fmt: skip
             report["clone_to_serving_s"] = round(took, 1)
+            (RESULTS / "add_server_output.txt").write_text(output)  # every task's time, for a closer look
             plays = play_durations(output)
             report["clone_to_serving_steps_s"] = {step: round(seconds, 1) for step, seconds in steps_of(plays).items()}
             report["clone_to_serving_plays_s"] = [[name, round(seconds, 1)] for name, seconds in plays]
