@@ -99,6 +99,10 @@ lint: venv ## ruff, yamllint, ansible-lint (production profile)
 	@echo "[test] yamllint"; yamllint --strict .
 	@echo "[test] ansible-lint"; ansible-lint --profile production --strict
 
+.PHONY: docs
+docs: venv ## Regenerate each role's README.md from its meta/argument_specs.yml
+	@python scripts/role_docs.py
+
 .PHONY: syntax
 syntax: venv ## ansible-playbook --syntax-check of every playbook
 	@for playbook in $(PLAYBOOKS); do \

@@ -1,0 +1,23 @@
+"""Each role's README documents exactly the inputs its argument_specs validate (scripts/role_docs.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import role_docs  # noqa: E402
+
+
+def test_every_role_readme_is_generated_from_its_argument_specs() -> None:
+    stale = [str(path.relative_to(ROOT)) for path in role_docs.stale_readmes()]
+    assert stale == [], f"stale role READMEs (run `make docs`): {stale}"
+
+
+def test_a_role_readme_lists_every_option_of_every_entry_point() -> None:
+    text = role_docs.readme_for(ROOT / "roles" / "haproxy")
+    assert '| `haproxy_check_fastinter` | str | `"500ms"` |' in text
+    assert "## Entry point `rotation` (`tasks_from: rotation`)" in text
+    assert "| `haproxy_rotation_state` | str: `in`, `out` | required |" in text
