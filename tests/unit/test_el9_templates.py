@@ -1,0 +1,231 @@
+"""Every role's templates rendered for EL9 hosts, by Ansible itself: the role's defaults, vars/main.yml and
+vars/RedHat.yml, the lab inventory's group variables, and EL9 facts (Rocky 9, Python 3.9). No EL9 machine
+can be fetched here; this is what shows the RedHat side renders at all, and renders EL paths and names.
+
+Each rendered file is then checked with what this machine has: nft -c for nftables, logrotate's parser,
+TOML, JSON and XML parsers, systemd's unit-file grammar, EL paths and accounts present and Debian's absent
+(the same roles rendered for Debian must show Debian's, or that probe is blind). Not checked here: haproxy
+-c, nginx -t, rsyslogd -N1 and sshd -t of the EL files (none of those programs is on this machine, and the
+lab's are Debian's builds, which refuse EL accounts such as nginx).
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+INVENTORY = ROOT / "inventory" / "lab" / "hosts.yml"
+
+# Which lab host renders each role's templates (a host of the group the role runs on).
+ROLE_HOSTS = {
+    "base": ["lb1", "cell1", "data1"],
+    "selinux": ["cell1"],
+    "tmp_cleanup": ["cell1"],
+    "worker_pool": ["cell1"],
+    "private_network": ["cell1"],
+    "rsyslog": ["cell1", "data1"],
+    "cellserver_app": ["cell1"],
+    "cell_server": ["cell1"],
+    "nginx": ["cell1"],
+    "permalink_db": ["data1"],
+    "haproxy": ["lb1"],
+    "hypervisor": ["data1"],
+}
+FACTS = {
+    "RedHat": {
+        "os_family": "RedHat", "distribution": "Rocky", "distribution_major_version": "9",
+        "python": {"version": {"major": 3, "minor": 9, "micro": 18}}, "python_version": "3.9.18",
+    },
+    "Debian": {
+        "os_family": "Debian", "distribution": "Debian", "distribution_major_version": "12",
+        "python": {"version": {"major": 3, "minor": 11, "micro": 2}}, "python_version": "3.11.2",
+    },
+}  # fmt: skip
+# What tasks would have found on the hosts before templating: the mesh peers' public keys.
+FOUND_BY_TASKS = {
+    "private_network": {
+        "__private_network_public_keys": {
+            "results": [
+                {"item": host, "content": base64.b64encode(f"key-of-{host}=\n".encode()).decode()}
+                for host in ("cell1", "cell2", "lb1")
+            ]
+        }
+    }
+}
+# Names that exist only on Debian (from the roles' vars/Debian.yml, where a template uses them): an EL9 file
+# naming one was rendered with Debian's values. The Debian rendering must show them, or the probe is blind.
+DEBIAN_ONLY = ["/usr/lib/openssh/sftp-server", "user www-data;", "/usr/lib/rsyslog/rsyslog-rotate", "initrc_t"]
+EL_ONLY = ["/usr/libexec/openssh/sftp-server", "user nginx;", "systemctl kill -s HUP rsyslog", "unconfined_service_t"]
+
+
+def templates_of(role: str) -> list[str]:
+    base = ROOT / "roles" / role / "templates"
+    return sorted(str(path.relative_to(base)) for path in base.rglob("*.j2")) if base.is_dir() else []
+
+
+def render_tasks(role: str) -> str:
+    loads_os_vars = (ROOT / "roles" / role / "vars" / "RedHat.yml").is_file()
+    tasks: list[dict] = []
+    if loads_os_vars:
+        load = "{{ ansible_facts['os_family'] }}.yml"
+        tasks.append({"name": "Load the family's variables", "ansible.builtin.include_vars": load, "tags": ["always"]})
+    tasks.append({
+        "name": "Render every template",
+        "ansible.builtin.template": {
+            "src": "{{ item }}",
+            "dest": "{{ render_dir }}/{{ inventory_hostname }}/" + role + "/{{ item | replace('/', '__') }}",
+            "mode": "0600",
+        },
+        "loop": templates_of(role),
+        "delegate_to": "localhost",
+        "tags": ["always"],
+    })  # fmt: skip
+    return yaml.safe_dump(tasks, sort_keys=False)
+
+
+def render_playbook(family: str) -> list[dict]:
+    plays: list[dict] = [{
+        "hosts": "all", "gather_facts": False,
+        "tasks": [{"ansible.builtin.set_fact": {**FACTS[family], "cacheable": True}, "tags": ["always"]}],
+    }]  # fmt: skip
+    for role, hosts in ROLE_HOSTS.items():
+        if not templates_of(role):
+            continue
+        found = FOUND_BY_TASKS.get(role, {})
+        # The role's own validation first (read-only, tagged validate): it also sets the facts its templates use.
+        validate = {"ansible.builtin.include_role": {"name": role}, "vars": found, "tags": ["validate"]}
+        render = {"ansible.builtin.include_role": {"name": role, "tasks_from": "render_el9"}, "vars": found,
+                  "tags": ["validate"]}  # fmt: skip
+        plays.append({"hosts": ",".join(hosts), "gather_facts": False, "tasks": [validate, render]})
+    return plays
+
+
+def render(work: Path, family: str) -> Path:
+    """Every role's templates for the lab's hosts as if they ran family; the directory of the results."""
+    roles = work / "roles"
+    shutil.copytree(ROOT / "roles", roles)
+    for role in ROLE_HOSTS:
+        (roles / role / "tasks" / "render_el9.yml").write_text(render_tasks(role))
+    playbook = work / "render.yml"
+    playbook.write_text(yaml.safe_dump(render_playbook(family), sort_keys=False))
+    output = work / "out"
+    for role, hosts in ROLE_HOSTS.items():
+        for host in hosts:
+            (output / host / role).mkdir(parents=True)
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(roles),
+        "ANSIBLE_CACHE_PLUGIN": "memory",
+        "ANSIBLE_FORCE_COLOR": "false",
+        "ANSIBLE_STRATEGY": "linear",
+    }
+    env.pop("ANSIBLE_STRATEGY_PLUGINS", None)
+    extra = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "render_dir": str(output)}
+    command = [
+        str(ANSIBLE_PLAYBOOK),
+        "-i",
+        str(INVENTORY),
+        "--tags",
+        "validate",
+        str(playbook),
+        "-e",
+        json.dumps(extra),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render(tmp_path_factory.mktemp("el9"), "RedHat")
+
+
+@pytest.fixture(scope="module")
+def rendered_for_debian(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render(tmp_path_factory.mktemp("debian"), "Debian")
+
+
+def names_in(output: Path, names: list[str]) -> set[str]:
+    texts = [path.read_text() for path in rendered_files(output)]
+    return {name for name in names if any(name in text for text in texts)}
+
+
+def rendered_files(output: Path, suffix: str = "") -> list[Path]:
+    return sorted(path for path in output.rglob("*") if path.is_file() and path.name.endswith(suffix))
+
+
+def test_every_template_of_every_role_renders_for_el9(rendered: Path) -> None:
+    for role, hosts in ROLE_HOSTS.items():
+        for host in hosts:
+            names = sorted(path.name for path in (rendered / host / role).glob("*")) if templates_of(role) else []
+            assert names == [name.replace("/", "__") for name in templates_of(role)], (role, host)
+
+
+def test_el9_files_name_el_paths_and_accounts_and_no_debian_ones(rendered: Path, rendered_for_debian: Path) -> None:
+    assert names_in(rendered_for_debian, DEBIAN_ONLY) == set(DEBIAN_ONLY), "the probe no longer sees Debian's names"
+    assert names_in(rendered, DEBIAN_ONLY) == set()
+    assert names_in(rendered, EL_ONLY) == set(EL_ONLY)
+
+
+def test_el9_nftables_rules_parse(rendered: Path) -> None:
+    rules = rendered_files(rendered, ".nft.j2") + rendered_files(rendered, "nftables.conf.j2")
+    assert len(rules) == 4, rules  # the firewall on three hosts, the workers' egress rules on the cell
+    for path in rules:
+        text = path.read_text().replace("include ", "# include ")  # the drop-in directory is not here
+        checked = path.with_suffix(".checked")
+        checked.write_text(text)
+        result = subprocess.run(["nft", "-c", "-f", str(checked)], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, (path.name, result.stderr)
+
+
+def test_el9_unit_files_are_well_formed(rendered: Path) -> None:
+    units = [path for path in rendered_files(rendered) if path.name.endswith((".service.j2", ".timer.j2", ".slice.j2"))]
+    units += [path for path in rendered_files(rendered, ".conf.j2") if "system__" in path.name]
+    assert units
+    for path in units:
+        parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        parser.read_string(path.read_text(), source=path.name)
+        assert parser.sections(), path.name
+        for section in parser.sections():
+            assert section in {"Unit", "Service", "Timer", "Slice", "Install"}, (path.name, section)
+        for command in ("ExecStart", "ExecStartPre", "ExecReload"):
+            for section in parser.sections():
+                value = parser[section].get(command, "").lstrip("-+!@:")
+                assert not value or value.startswith("/") or value.startswith("$"), (path.name, command, value)
+
+
+def test_el9_structured_files_parse(rendered: Path) -> None:
+    assert len(rendered_files(rendered, ".toml.j2") + rendered_files(rendered, ".json.j2")) == 2
+    assert len(rendered_files(rendered, ".xml.j2")) == 2
+    for path in rendered_files(rendered, ".toml.j2"):
+        tomllib.loads(path.read_text())
+    for path in rendered_files(rendered, ".json.j2"):
+        json.loads(path.read_text())
+    for path in rendered_files(rendered, ".xml.j2"):
+        ET.fromstring(path.read_text())
+
+
+def test_el9_logrotate_configuration_parses(rendered: Path, tmp_path: Path) -> None:
+    configurations = [path for path in rendered_files(rendered) if "logrotate.d" in path.name]
+    assert configurations
+    for path in configurations:
+        state = tmp_path / "state"
+        result = subprocess.run(["logrotate", "--debug", "--state", str(state), str(path)],
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        assert "error" not in result.stderr.lower(), (path.name, result.stderr)
