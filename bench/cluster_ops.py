@@ -31,7 +31,6 @@ from lab import (  # noqa: E402
     installed_release,
     inventory_with_new_cell,
     playbook,
-    rate_limits_exempted,
     release_of_app,
     wheelhouse_for,
 )
@@ -40,13 +39,14 @@ from load import Sample, SteadyLoad  # noqa: E402
 RESULTS = PROJECT_ROOT / "bench" / "results"
 TARGET_CLONE_TO_SERVING_S = 300
 ELAPSED = re.compile(r"\s(\d+):(\d\d):(\d\d\.\d+) \*+\s*$")
+RUNTIME_ADD_PLAY = "Put the new server into every load balancer, at runtime"
 # add-server.yml's plays, grouped into the steps the target names.
 STEPS = {
     "Check the new server's name": "check",
     "Clone the VMs on their hypervisor": "clone",
     "Wait for the new VMs to answer SSH": "boot",
     "Check the new server with real computations": "health",
-    "Put the new server into every load balancer, at runtime": "load balancer",
+    RUNTIME_ADD_PLAY: "load balancer",
     "HAProxy in front of the cells and the permalink service": "load balancer",
 }
 
@@ -74,6 +74,16 @@ def steps_of(durations: list[tuple[str, float]]) -> dict[str, float]:
         step = STEPS.get(name, "converge")
         steps[step] = steps.get(step, 0.0) + seconds
     return steps
+
+
+def serving_after(plays: list[tuple[str, float]]) -> float:
+    """Seconds from the playbook's start to the end of the play that adds the cell to the running HAProxies."""
+    elapsed = 0.0
+    for name, seconds in plays:
+        elapsed += seconds
+        if name == RUNTIME_ADD_PLAY:
+            return elapsed
+    return elapsed
 
 
 def timed(name: str, *arguments: str, **options: Any) -> tuple[float, str]:
@@ -119,31 +129,47 @@ def plot(samples: list[Sample], marks: dict[str, float], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-rolling-update", action="store_true", help="only the new cell's timings")
+    parser.add_argument("--skip-new-cell", action="store_true", help="no snapshot, add-server or removal")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
-    with rate_limits_exempted(), tempfile.TemporaryDirectory(prefix="cellfleet-bench-") as scratch_name:
+    with tempfile.TemporaryDirectory(prefix="cellfleet-bench-") as scratch_name:
         scratch = Path(scratch_name)
-        snapshot_name = f"bench-cell1-{int(time.time())}"
-        took, _ = timed("snapshot.yml", "-e", "snapshot_source=cell1", "-e", f"snapshot_name={snapshot_name}")
-        report["snapshot_s"] = round(took, 1)
-        inventories = (PROJECT_ROOT / "inventory" / "lab" / "hosts.yml", inventory_with_new_cell(scratch))
-        try:
-            took, output = timed("add-server.yml", "-e", f"name={NEW_CELL}", "-e",
-                                 f"add_server_from={snapshot_name}", inventories=inventories)  # fmt: skip
-            report["clone_to_serving_s"] = round(took, 1)
-            (RESULTS / "add_server_output.txt").write_text(output)  # every task's time, for a closer look
-            plays = play_durations(output)
-            report["clone_to_serving_steps_s"] = {step: round(seconds, 1) for step, seconds in steps_of(plays).items()}
-            report["clone_to_serving_plays_s"] = [[name, round(seconds, 1)] for name, seconds in plays]
-        finally:
-            took, _ = timed("remove-server.yml", "-e", f"name={NEW_CELL}")
-            report["remove_server_s"] = round(took, 1)
-            subprocess.run(["rm", "-rf", f"/var/cache/cellfleet/snapshots/{snapshot_name}"], check=True)
+        if not args.skip_new_cell:
+            report.update(new_cell_timings(scratch))
         if not args.skip_rolling_update:
             report["rolling_update"] = rolling_update(scratch)
     print_report(report)
-    (RESULTS / "cluster_ops.json").write_text(json.dumps(report, indent=2) + "\n")
+    # A partial run (--skip-...) updates its own parts of the last report; each part says when it was measured.
+    path = RESULTS / "cluster_ops.json"
+    previous = (
+        json.loads(path.read_text()) if path.exists() and (args.skip_new_cell or args.skip_rolling_update) else {}
+    )
+    path.write_text(json.dumps({**previous, **report}, indent=2) + "\n")
+
+
+def new_cell_timings(scratch: Path) -> dict[str, Any]:
+    """A snapshot of serving cell1, add-server.yml of a new cell from it (per play), remove-server.yml."""
+    report: dict[str, Any] = {"new_cell_measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    snapshot_name = f"bench-cell1-{int(time.time())}"
+    took, _ = timed("snapshot.yml", "-e", "snapshot_source=cell1", "-e", f"snapshot_name={snapshot_name}")
+    report["snapshot_s"] = round(took, 1)
+    inventories = (PROJECT_ROOT / "inventory" / "lab" / "hosts.yml", inventory_with_new_cell(scratch))
+    try:
+        took, output = timed("add-server.yml", "-e", f"name={NEW_CELL}", "-e",
+                             f"add_server_from={snapshot_name}", inventories=inventories)  # fmt: skip
+        report["clone_to_serving_s"] = round(took, 1)
+        (RESULTS / "add_server_output.txt").write_text(output)  # every task's time, for a closer look
+        plays = play_durations(output)
+        report["clone_to_serving_steps_s"] = {step: round(seconds, 1) for step, seconds in steps_of(plays).items()}
+        report["clone_to_serving_plays_s"] = [[name, round(seconds, 1)] for name, seconds in plays]
+        # The cell serves once the runtime add is done; writing HAProxy's configuration comes after.
+        report["serving_after_s"] = round(serving_after(plays), 1)
+    finally:
+        took, _ = timed("remove-server.yml", "-e", f"name={NEW_CELL}")
+        report["remove_server_s"] = round(took, 1)
+        subprocess.run(["rm", "-rf", f"/var/cache/cellfleet/snapshots/{snapshot_name}"], check=True)
+    return report
 
 
 def rolling_update(scratch: Path) -> dict[str, Any]:
@@ -162,6 +188,7 @@ def rolling_update(scratch: Path) -> dict[str, Any]:
     rollback, _ = roll_out(PROJECT_ROOT / "app", baseline)
     during = sorted(s.seconds for s in samples if marks["rollout starts"] <= s.started <= marks["rollout done"])
     return {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cells": len(CELLS), "seconds": round(took, 1), "rollback_seconds": round(rollback, 1),
         "outcomes": dict(load.outcomes()), "requests_during": len(during),
         "p50_during_s": round(during[len(during) // 2], 2) if during else None,
@@ -171,18 +198,22 @@ def rolling_update(scratch: Path) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"snapshot of a serving cell: {report['snapshot_s']} s")
+    if "snapshot_s" in report:
+        print(f"snapshot of a serving cell: {report['snapshot_s']} s")
     if "clone_to_serving_s" in report:
         total = report["clone_to_serving_s"]
-        verdict = "met" if total <= TARGET_CLONE_TO_SERVING_S else "NOT met"
-        print(f"clone to serving (add-server.yml from the snapshot): {total} s "
-              f"(target <= {TARGET_CLONE_TO_SERVING_S} s: {verdict})")  # fmt: skip
+        serving = report["serving_after_s"]
+        verdict = "met" if serving <= TARGET_CLONE_TO_SERVING_S else "NOT met"
+        print(f"clone to serving (add-server.yml from the snapshot): in rotation after {serving} s "
+              f"(target <= {TARGET_CLONE_TO_SERVING_S} s: {verdict}); playbook done, HAProxy's configuration "
+              f"written, after {total} s")  # fmt: skip
         for step, seconds in report["clone_to_serving_steps_s"].items():
             print(f"  {step:<14} {seconds:7.1f} s  {100 * seconds / total:5.1f} %")
         print("  by play:")
         for name, seconds in report["clone_to_serving_plays_s"]:
             print(f"    {seconds:7.1f} s  {name}")
-    print(f"remove-server.yml: {report['remove_server_s']} s")
+    if "remove_server_s" in report:
+        print(f"remove-server.yml: {report['remove_server_s']} s")
     if "rolling_update" in report:
         rolling = report["rolling_update"]
         print(f"rolling update of {rolling['cells']} cells: {rolling['seconds']} s under load {rolling['outcomes']};")
