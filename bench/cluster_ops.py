@@ -121,7 +121,7 @@ def plot(samples: list[Sample], marks: dict[str, float], path: Path) -> None:
     axes.set_xlabel("seconds since the load started")
     axes.set_ylabel("request latency (s)")
     axes.set_title("print(1+1) through HAProxy during a rolling update of 2 cells (lab, QEMU emulation)")
-    axes.legend(loc="upper left")
+    axes.legend(loc="upper center")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
