@@ -18,6 +18,6 @@ def test_every_role_readme_is_generated_from_its_argument_specs() -> None:
 
 def test_a_role_readme_lists_every_option_of_every_entry_point() -> None:
     text = role_docs.readme_for(ROOT / "roles" / "haproxy")
-    assert '| `haproxy_check_fastinter` | str | `"500ms"` |' in text
+    assert '| `haproxy_check_fastinter` | str | `"250ms"` |' in text
     assert "## Entry point `rotation` (`tasks_from: rotation`)" in text
     assert "| `haproxy_rotation_state` | str: `in`, `out` | required |" in text
