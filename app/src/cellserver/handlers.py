@@ -21,10 +21,19 @@ class JSONErrorHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # send_error clears every header first: the ones an error needs come through kwargs.
         self.set_header("Content-Type", "application/json")
+        if status_code == 405:
+            # RFC 9110: a 405 names the methods the resource has.
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         for name, value in kwargs.get("headers", {}).items():
             self.set_header(name, value)
         reason = kwargs.get("reason") or self._reason
         self.finish(json.dumps({"error": reason, "status": status_code}))
+
+    def allowed_methods(self) -> list[str]:
+        """The HTTP methods this handler implements (tornado answers 405 for the others, HEAD included)."""
+        base = tornado.web.RequestHandler
+        methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+        return [method for method in methods if getattr(type(self), method.lower()) is not getattr(base, method.lower())]
 
     def fail(self, status_code: int, reason: str, headers: dict[str, str] | None = None) -> None:
         self.send_error(status_code, reason=reason, headers=headers or {})

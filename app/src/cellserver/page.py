@@ -83,7 +83,7 @@ class CellPageHandler(JSONErrorHandler):
         return "", ""
 
 
-class PermalinkForwardHandler(tornado.web.RequestHandler):
+class PermalinkForwardHandler(JSONErrorHandler):
     """/permalink on the compute server, passed on to the permalink service (its own process or machine)."""
 
     def initialize(self, url: str) -> None:
