@@ -83,6 +83,24 @@ def test_the_computation_log_reaches_the_log_host(log_host: Node, clients: list[
     assert json.loads(line.split("cellserver: ", 1)[1])["type"] == "service"
 
 
+def test_nginx_logs_requests_but_not_passing_health_checks(log_host: Node, clients: list[Node]) -> None:
+    # Load balancers check /health several times a second per cell: logged, those lines would bury the rest.
+    cells = [client for client in clients if "cells" in client.groups]
+    if not cells:
+        pytest.skip("no cell in the inventory")
+    cell, health, other = cells[0], tag(), tag()
+    fetch = (
+        "import sys, urllib.request\n"
+        "for url in sys.argv[1:]:\n"
+        "    try: urllib.request.urlopen(url, timeout=60).read()\n"
+        "    except OSError: pass"
+    )
+    urls = [f"http://127.0.0.1/health?probe={health}", f"http://127.0.0.1/static/{other}.css"]
+    cell.host.run_test(f"python3 -c {shlex.quote(fetch)} {' '.join(urls)}")
+    wait_for(lambda: any(other in line for line in received(log_host, cell, "nginx")), 60, "nginx's line for a request")
+    assert not any(health in line for line in received(log_host, cell, "nginx")), "a passing /health was logged"
+
+
 def start_writer(client: Node, program: str, lines: int, interval: float) -> None:
     """A transient unit on the client writing numbered lines, one every interval seconds."""
     script = f'for i in $(seq 1 {lines}); do logger -t {program} "line $i of {lines}"; sleep {interval}; done'
