@@ -33,7 +33,8 @@ class JSONErrorHandler(tornado.web.RequestHandler):
         """The HTTP methods this handler implements (tornado answers 405 for the others, HEAD included)."""
         base = tornado.web.RequestHandler
         methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
-        return [method for method in methods if getattr(type(self), method.lower()) is not getattr(base, method.lower())]
+        handler = type(self)
+        return [method for method in methods if getattr(handler, method.lower()) is not getattr(base, method.lower())]
 
     def fail(self, status_code: int, reason: str, headers: dict[str, str] | None = None) -> None:
         self.send_error(status_code, reason=reason, headers=headers or {})
