@@ -38,6 +38,7 @@ class Sample:
     seconds: float
     outcome: str  # an HTTP status, or the exception's name
     release: str
+    detail: str = ""  # what a wrong answer said instead, for the report
 
 
 @dataclass
@@ -72,12 +73,14 @@ class SteadyLoad:
         deadline = time.monotonic() + self.limit_seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
             started = time.monotonic()
-            release = ""
+            release, detail = "", ""
             try:
                 with urllib.request.urlopen(self.url, body, timeout=120, context=context) as answer:
-                    ok = json.load(answer).get("stdout") == "2\n"
+                    reply = json.load(answer)
+                    ok = reply.get("stdout") == "2\n"
                     outcome = str(answer.status) if ok else "wrong answer"
                     release = answer.headers.get("X-Cellserver-Version", "")
+                    detail = "" if ok else json.dumps(reply)[:300]
             except urllib.error.HTTPError as error:
                 # The cell server names its release on every answer, errors too: without that header the
                 # answer came from HAProxy or nginx (no server, server gone, timeout).
@@ -86,8 +89,12 @@ class SteadyLoad:
             except (OSError, ValueError) as error:
                 outcome = type(error).__name__
             with self._lock:
-                self.samples.append(Sample(started, time.monotonic() - started, outcome, release))
+                self.samples.append(Sample(started, time.monotonic() - started, outcome, release, detail))
             time.sleep(self.pause_seconds)
+
+    def wrong_answers(self) -> list[str]:
+        with self._lock:
+            return [sample.detail for sample in self.samples if sample.outcome == "wrong answer"]
 
     def outcomes(self) -> Counter[str]:
         with self._lock:

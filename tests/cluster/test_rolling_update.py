@@ -58,7 +58,7 @@ def test_a_rolling_update_under_load_fails_no_request(tmp_path: Path, baseline: 
         assert result.returncode == 0, result.stdout[-3000:]
         outcomes = load.outcomes()
         print(f"rolling update of {len(CELLS)} cells in {took:.0f} s under load: {dict(outcomes)}")
-        assert set(outcomes) == {"200"}, outcomes
+        assert set(outcomes) == {"200"}, (outcomes, load.wrong_answers())
         assert outcomes["200"] > 20, outcomes
         assert {installed_release(address) for address in CELLS.values()} == {version}
         assert set(load.releases(since=finished)) == {version}
@@ -86,7 +86,7 @@ def test_a_failing_canary_stops_the_rollout_while_the_other_cell_serves(tmp_path
         assert installed_release(CELLS[other]) == before
         outcomes = load.outcomes()
         print(f"failed canary: {dict(outcomes)}; after the stop only {dict(load.releases(since=finished))} answered")
-        assert set(outcomes) == {"200"}, outcomes
+        assert set(outcomes) == {"200"}, (outcomes, load.wrong_answers())
         assert set(load.releases(since=finished)) == {before}
     finally:
         repaired = roll_out(ROOT / "app", baseline)

@@ -93,7 +93,7 @@ def test_snapshot_of_a_serving_cell_drops_nothing_and_its_clone_has_its_own_iden
               f" in {took_removal:.0f} s; load: {added_outcomes} then {dict(load.outcomes())}")  # fmt: skip
         assert removed.returncode == 0, removed.stdout[-4000:]
         assert served_by_new > 0, "cell3 was added but took no request"
-        assert failures(load) == {}, load.outcomes()
+        assert failures(load) == {}, (load.outcomes(), load.wrong_answers())
         assert server_stats(NEW_CELL) is None, "cell3 is still in the running load balancer"
         assert NEW_CELL not in virsh("list", "--all", "--name").split()
         assert f"server {NEW_CELL} " not in ssh(LOAD_BALANCER, "cat /etc/haproxy/haproxy.cfg")
