@@ -71,7 +71,7 @@ def playbooks_using(role: str) -> list[str]:
     return [str(path.relative_to(ROOT)) for path in found]
 
 
-def entry_point_section(role: str, name: str, spec: dict[str, Any]) -> list[str]:
+def entry_point_section(name: str, spec: dict[str, Any]) -> list[str]:
     heading = "Variables" if name == "main" else f"Entry point `{name}` (`tasks_from: {name}`)"
     lines = [f"## {heading}", ""]
     if name != "main":
@@ -114,7 +114,7 @@ def readme_for(role_dir: Path) -> str:
         lines.append("Used by: " + ", ".join(f"`{path}`" for path in users) + ".")
     lines.append("")
     for name, spec in specs.items():
-        lines += entry_point_section(role, name, spec)
+        lines += entry_point_section(name, spec)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from typing import Any
 
@@ -111,14 +112,15 @@ class HealthProbe:
 
     async def failure(self) -> str | None:
         """None when a computation printed 42 recently enough, otherwise why it did not."""
-        age = time.monotonic() - self._last[0] if self._last else None
-        if self._last and age is not None and age < self.max_age:
-            return self._last[1]
+        last = self._last
+        age = time.monotonic() - last[0] if last else math.inf
+        if last and age < self.max_age:
+            return last[1]
         if self._running is None:
             self._running = asyncio.ensure_future(self._compute())
             self._running.add_done_callback(self._forget)
-        if self._last and age is not None and age < self.max_age + HEALTH_TIMEOUT_SECONDS:
-            return self._last[1]
+        if last and age < self.max_age + HEALTH_TIMEOUT_SECONDS:
+            return last[1]
         return await asyncio.shield(self._running)
 
     def _forget(self, finished: asyncio.Future[str | None]) -> None:
