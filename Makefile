@@ -166,6 +166,10 @@ unit-security: venv ## systemd-analyze security exposure of each cellfleet servi
 bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+python, reset); after `make up`
 	@$(BIN)/python bench/worker_pool.py $(BENCH_ARGS)
 
+.PHONY: chaos
+chaos: venv ## Fault scenarios on the lab (kill -9/SIGSTOP, VM loss, log host down, reloads, flood); after `make up` (~25 min)
+	@$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
+
 .PHONY: clean
 clean: ## Remove the venv (the image cache in /var/cache/cellfleet stays)
 	rm -rf $(VENV)

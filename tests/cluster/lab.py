@@ -8,7 +8,9 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,3 +111,29 @@ def inventory_with_new_cell(directory: Path) -> Path:
     extra.write_text(f"all:\n  children:\n    cells:\n      hosts:\n        {NEW_CELL}:\n"
                      f"          ansible_host: {NEW_CELL_ADDRESS}\n")  # fmt: skip
     return extra
+
+
+class StatusWatch:
+    """Streams one server's status from the load balancer (every 0.1 s), stamped with this machine's clock."""
+
+    def __init__(self, server: str) -> None:
+        script = (
+            "while :; do echo 'show stat' | socat stdio unix-connect:/run/haproxy/admin.sock"
+            f' | awk -F, \'$1=="cells" && $2=="{server}" {{print $18; fflush()}}\'; sleep 0.1; done'
+        )
+        self.process = subprocess.Popen(ssh_command(LOAD_BALANCER, script), stdout=subprocess.PIPE, text=True)
+        self.samples: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.samples.append((time.monotonic(), line.strip()))
+
+    def first(self, predicate: Callable[[str], bool], since: float) -> float | None:
+        return next((stamp for stamp, status in list(self.samples) if stamp >= since and predicate(status)), None)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)

@@ -7,9 +7,8 @@ Runs with `make cluster-test` after `make up` (root, on the lab's machine); minu
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import lab
@@ -20,11 +19,11 @@ from lab import (
     NEW_CELL,
     NEW_CELL_ADDRESS,
     ROOT,
+    StatusWatch,
     playbook,
     server_state,
     server_stats,
     ssh,
-    ssh_command,
     virsh,
 )
 from load import SteadyLoad, in_lab_namespace_possible
@@ -100,32 +99,6 @@ def test_snapshot_of_a_serving_cell_drops_nothing_and_its_clone_has_its_own_iden
     finally:
         if NEW_CELL in virsh("list", "--all", "--name").split():
             playbook("remove-server.yml", "-e", f"name={NEW_CELL}")
-
-
-class StatusWatch:
-    """Streams one server's status from the load balancer (every 0.1 s), stamped with this machine's clock."""
-
-    def __init__(self, server: str) -> None:
-        script = (
-            "while :; do echo 'show stat' | socat stdio unix-connect:/run/haproxy/admin.sock"
-            f' | awk -F, \'$1=="cells" && $2=="{server}" {{print $18; fflush()}}\'; sleep 0.1; done'
-        )
-        self.process = subprocess.Popen(ssh_command(LOAD_BALANCER, script), stdout=subprocess.PIPE, text=True)
-        self.samples: list[tuple[float, str]] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.samples.append((time.monotonic(), line.strip()))
-
-    def first(self, predicate: Callable[[str], bool], since: float) -> float | None:
-        return next((stamp for stamp, status in list(self.samples) if stamp >= since and predicate(status)), None)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 def test_a_cell_vm_lost_abruptly_is_out_of_rotation_in_seconds() -> None:

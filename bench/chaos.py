@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""Fault scenarios against the running lab, each bounded and self-stopping, each printing what it did and what
+was lost: kill -9 and SIGSTOP of every service, the abrupt loss of a cell VM, the log host down for 60 s under a
+10,000-line burst, PostgreSQL restarted during permalink writes, HAProxy reloaded 100 times under load, and a
+flood against the rate limits.
+
+A steady load of computations runs through the load balancer (from this machine, inside the lab namespace)
+during every fault; permalink writes too where the fault is on the data host. Each scenario states up front
+what it may lose (the requests in flight when a process or VM dies, or sent to it before HAProxy's checks take
+it out); anything beyond that fails it. Writes bench/results/chaos.json and chaos.md. `make chaos` after
+`make up`; about 25 minutes under emulation. The lab is left as it was found (every service running, every
+cell UP), or the scenario says it could not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+
+from lab import CELLS, INVENTORY, LOAD_BALANCER, StatusWatch, server_state, ssh, virsh  # noqa: E402
+from load import Sample, SteadyLoad, enter_lab_namespace, in_lab_namespace_possible  # noqa: E402
+
+RESULTS = PROJECT_ROOT / "bench" / "results"
+URL = f"https://{LOAD_BALANCER}/service"
+PERMALINK_URL = f"https://{LOAD_BALANCER}/permalink"
+DATA_HOST = "10.77.0.14"
+LOG_DIR = "/var/log/cellfleet-hosts"
+# How long a SIGSTOPped process stays stopped when nothing restarts it first (the cell server's watchdog does).
+STOP_SECONDS = 20
+RECOVERY_LIMIT_SECONDS = 180
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    did: str
+    may_lose: str
+    lost: int
+    passed: bool
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def wait_until(condition: Callable[[], bool], limit: float, what: str, interval: float = 1.0) -> float:
+    """Seconds until condition holds; raises when it has not after limit seconds."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > limit:
+            raise TimeoutError(f"not within {limit:.0f} s: {what}")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def every_cell_up() -> bool:
+    try:
+        return all(server_state(cell) == "UP" for cell in CELLS)
+    except (AssertionError, OSError, subprocess.SubprocessError):
+        return False
+
+
+def main_pid(address: str, unit: str) -> int:
+    return int(ssh(address, f"systemctl show -p MainPID --value {unit}").strip() or 0)
+
+
+def unit_running(address: str, unit: str, not_pid: int = 0) -> bool:
+    state = ssh(address, f"systemctl show -p ActiveState,SubState,MainPID --value {unit}", check=False).split()
+    return state[:2] == ["active", "running"] and int(state[2]) not in (0, not_pid)
+
+
+def failures_between(samples: list[Sample], start: float, end: float) -> Counter[str]:
+    return Counter(s.outcome for s in samples if start <= s.started < end and s.outcome != "200")
+
+
+# --- permalink writes through the load balancer --------------------------------------------------------------
+
+
+@dataclass
+class PermalinkWriter:
+    """Writes numbered permalinks through the load balancer until stopped; keeps the acknowledged ones."""
+
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    acknowledged: dict[str, str] = field(default_factory=dict)
+    refused: Counter[str] = field(default_factory=Counter)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> PermalinkWriter:
+        self._thread = threading.Thread(target=self._write, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=120)
+
+    def _write(self) -> None:
+        enter_lab_namespace()
+        context = ssl._create_unverified_context()
+        number = 0
+        while not self._stop.is_set():
+            number += 1
+            code = f"print('chaos {self.run} {number}')"
+            try:
+                body = urllib.parse.urlencode({"code": code}).encode()
+                with urllib.request.urlopen(PERMALINK_URL, body, timeout=30, context=context) as answer:
+                    self.acknowledged[json.load(answer)["query"]] = code
+            except urllib.error.HTTPError as error:
+                self.refused[str(error.code)] += 1
+                time.sleep(0.2)
+            except (OSError, ValueError) as error:
+                self.refused[type(error).__name__] += 1
+                time.sleep(0.2)
+            time.sleep(0.1)
+
+    def lost(self) -> list[str]:
+        """Acknowledged permalinks that do not read back with their code, read through the load balancer."""
+        missing: list[str] = []
+        result: list[str] = []
+
+        def read_all() -> None:
+            enter_lab_namespace()
+            context = ssl._create_unverified_context()
+            for ident, code in self.acknowledged.items():
+                try:
+                    url = f"{PERMALINK_URL}?{urllib.parse.urlencode({'q': ident})}"
+                    with urllib.request.urlopen(url, timeout=30, context=context) as answer:
+                        if code not in answer.read().decode():
+                            missing.append(ident)
+                except (OSError, ValueError):
+                    missing.append(ident)
+            result.extend(missing)
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        reader.join()
+        return result
+
+
+# --- scenarios -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessFault:
+    host: str
+    address: str
+    unit: str
+    signal: str  # KILL: kill -9 of the main process; STOP: every process of the unit stopped
+    side: str  # cell, balancer, data
+
+    @property
+    def name(self) -> str:
+        return f"{'kill -9' if self.signal == 'KILL' else 'SIGSTOP'} {self.unit} on {self.host}"
+
+
+def process_faults() -> list[ProcessFault]:
+    cell, address = "cell1", CELLS["cell1"]
+    faults = [
+        ProcessFault(cell, address, unit, signal, "cell")
+        for unit in ("cellserver.service", "cellfleet-kernel-provider.service", "nginx.service")
+        for signal in ("KILL", "STOP")
+    ]
+    faults += [ProcessFault("lb1", LOAD_BALANCER, "haproxy.service", signal, "balancer") for signal in ("KILL", "STOP")]
+    database = ssh(DATA_HOST, "systemctl list-units --plain --no-legend --state=running 'postgresql@*'").split()[0]
+    faults += [
+        ProcessFault("data1", DATA_HOST, unit, signal, "data")
+        for unit in ("cellfleet-permalinks.service", database)
+        for signal in ("KILL", "STOP")
+    ]
+    return faults
+
+
+MAY_LOSE = {
+    "cell": "computations in flight on cell1 at the fault or sent to it before HAProxy's checks took it out",
+    "balancer": "every request while the only load balancer is down or stopped (the lab has one)",
+    "data": "no acknowledged permalink; writes during the outage may be refused; no computation",
+}
+
+
+def run_process_fault(fault: ProcessFault) -> Outcome:
+    old_pid = main_pid(fault.address, fault.unit)
+    watch = StatusWatch("cell1") if fault.side == "cell" else None
+    writer = PermalinkWriter() if fault.side == "data" else None
+    try:
+        with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load, writer or _nothing():
+            time.sleep(8)
+            fault_at = time.monotonic()
+            if fault.signal == "KILL":
+                ssh(fault.address, f"kill -9 {old_pid}")
+            else:
+                ssh(fault.address, f"systemctl kill -s STOP {fault.unit}")
+                restarted = _wait_quietly(lambda: unit_running(fault.address, fault.unit, old_pid), STOP_SECONDS)
+                if not restarted:
+                    ssh(fault.address, f"systemctl kill -s CONT {fault.unit}")
+            recovered = wait_until(
+                lambda: unit_running(fault.address, fault.unit) and every_cell_up(), RECOVERY_LIMIT_SECONDS,
+                f"{fault.unit} running and every cell UP",
+            )  # fmt: skip
+            recovered_at = fault_at + recovered
+            time.sleep(10)
+        new_pid = main_pid(fault.address, fault.unit)
+        during = failures_between(load.samples, fault_at - 120, recovered_at)
+        after = failures_between(load.samples, recovered_at, float("inf"))
+        numbers: dict[str, Any] = {
+            "recovered_s": round(recovered, 1),
+            "restarted": new_pid != old_pid,
+            "requests": len(load.samples),
+            "failed_until_recovered": dict(during),
+            "failed_after": dict(after),
+        }
+        lost = sum(after.values())
+        if watch:
+            out = watch.first(lambda status: not status.startswith("UP"), fault_at)
+            numbers["out_of_rotation_after_s"] = round(out - fault_at, 1) if out else None
+        if fault.side == "data":
+            lost += sum(during.values())  # computations never touch the data host
+        if writer:
+            missing = writer.lost()
+            numbers |= {"permalinks_acknowledged": len(writer.acknowledged), "permalinks_refused": dict(writer.refused)}
+            numbers["permalinks_lost"] = len(missing)
+            lost += len(missing)
+        held = f", held {STOP_SECONDS} s unless restarted" if fault.signal == "STOP" else ""
+        did = f"{fault.name} under load{held}"
+        return Outcome(fault.name, did, MAY_LOSE[fault.side], lost, lost == 0, numbers)
+    finally:
+        if watch:
+            watch.stop()
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _wait_quietly(condition: Callable[[], bool], limit: float) -> bool:
+    try:
+        wait_until(condition, limit, "", interval=1.0)
+    except TimeoutError:
+        return False
+    return True
+
+
+def vm_loss() -> Outcome:
+    victim = "cell2"
+    watch = StatusWatch(victim)
+    try:
+        with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load:
+            time.sleep(8)
+            destroyed = time.monotonic()
+            virsh("destroy", victim)
+            wait_until(lambda: watch.first(lambda s: not s.startswith("UP"), destroyed) is not None, 60, "out")
+            out = watch.first(lambda s: not s.startswith("UP"), destroyed) or destroyed
+            time.sleep(20)
+        in_flight = failures_between(load.samples, destroyed - 120, out)
+        after = failures_between(load.samples, out, float("inf"))
+    finally:
+        watch.stop()
+        if virsh("domstate", victim).strip() != "running":
+            virsh("start", victim)
+    back = wait_until(every_cell_up, 600, f"{victim} back UP after its restart", interval=5)
+    numbers = {
+        "out_of_rotation_after_s": round(out - destroyed, 1),
+        "requests": len(load.samples),
+        "failed_in_flight": dict(in_flight),
+        "failed_after": dict(after),
+        "back_in_rotation_after_restart_s": round(back, 1),
+    }
+    lost = sum(after.values())
+    return Outcome(
+        "abrupt loss of a cell VM", f"virsh destroy {victim} under load, then started again",
+        "computations in flight on the lost cell before HAProxy's checks took it out", lost,
+        lost == 0 and out - destroyed <= 3.0, numbers,
+    )  # fmt: skip
+
+
+# Sends numbered lines to syslog as fast as logger goes; journald's rate limit must not drop them either.
+BURST = "seq 1 {lines} | sed 's/^/chaos line /' | logger -t {tag} -p user.notice"
+
+
+def log_host_outage(lines: int = 10_000, outage: float = 60) -> Outcome:
+    tag = f"chaos-{uuid.uuid4().hex[:8]}"
+    client, client_address = "cell1", CELLS["cell1"]
+    # The socket too: journald writing to it would start rsyslog again at once (socket activation).
+    ssh(DATA_HOST, "systemctl stop syslog.socket rsyslog.service")
+    try:
+        stopped = time.monotonic()
+        ssh(client_address, BURST.format(lines=lines, tag=tag))
+        burst_s = time.monotonic() - stopped
+        time.sleep(max(0.0, outage - burst_s))
+    finally:
+        ssh(DATA_HOST, "systemctl start rsyslog.service")
+    back = time.monotonic()
+    path = f"{LOG_DIR}/{client}/{tag}.log"
+    count = f"cat {path}* 2>/dev/null | grep -o 'chaos line [0-9]*' | sort | uniq -c | awk '{{print $1}}'"
+
+    def delivered() -> tuple[int, int]:
+        copies = [int(n) for n in ssh(DATA_HOST, count).split()]
+        return len(copies), sum(copies) - len(copies)
+
+    with suppress(TimeoutError):
+        wait_until(lambda: delivered()[0] >= lines, 300, "every line delivered", interval=5)
+    distinct, duplicates = delivered()
+    numbers = {
+        "sent": lines, "delivered": distinct, "duplicates": duplicates, "burst_s": round(burst_s, 1),
+        "outage_s": outage, "delivered_after_s": round(time.monotonic() - back, 1),
+    }  # fmt: skip
+    return Outcome(
+        "log host down under a burst", f"rsyslog on data1 stopped {outage:.0f} s; {lines} lines sent from {client}",
+        "nothing (duplicates allowed)", lines - distinct, distinct == lines, numbers,
+    )  # fmt: skip
+
+
+def postgresql_restart() -> Outcome:
+    database = ssh(DATA_HOST, "systemctl list-units --plain --no-legend --state=running 'postgresql@*'").split()[0]
+    with PermalinkWriter() as writer:
+        time.sleep(10)
+        ssh(DATA_HOST, f"systemctl restart {database}")
+        time.sleep(15)
+    missing = writer.lost()
+    numbers = {"acknowledged": len(writer.acknowledged), "refused": dict(writer.refused), "lost": len(missing)}
+    return Outcome(
+        "PostgreSQL restart during permalink writes", f"systemctl restart {database} while writing permalinks",
+        "no acknowledged write", len(missing), not missing and len(writer.acknowledged) > 20, numbers,
+    )  # fmt: skip
+
+
+def haproxy_reloads(reloads: int = 100) -> Outcome:
+    with SteadyLoad(URL, clients=3, pause_seconds=0.2) as load:
+        time.sleep(3)
+        started = time.monotonic()
+        ssh(LOAD_BALANCER, f"for i in $(seq {reloads}); do systemctl reload haproxy.service || exit 1; done")
+        took = time.monotonic() - started
+        time.sleep(3)
+    outcomes = Counter(s.outcome for s in load.samples)
+    failed = sum(n for outcome, n in outcomes.items() if outcome != "200")
+    numbers = {"reloads": reloads, "reloads_s": round(took, 1), "outcomes": dict(outcomes)}
+    return Outcome(
+        "HAProxy reloads under load", f"{reloads} x systemctl reload haproxy while computations run",
+        "nothing: no refused connection, no failed request", failed, failed == 0 and len(load.samples) > 20, numbers,
+    )  # fmt: skip
+
+
+# A flood from one VM, twice its per-client limit at once, then two requests from another VM.
+FLOOD = r"""
+import json, ssl, sys, urllib.error, urllib.parse, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+url, count = sys.argv[1], int(sys.argv[2])
+context = ssl._create_unverified_context()
+def one(_):
+    try:
+        return urllib.request.urlopen(url, b"code=1", timeout=120, context=context).status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except Exception as error:
+        return type(error).__name__
+with ThreadPoolExecutor(min(count, 64)) as pool:
+    print(json.dumps(list(pool.map(one, range(count)))))
+"""
+
+
+def flood(per_ip_limit: int) -> Outcome:
+    time.sleep(11)  # the limits count the last 10 s
+    script = shlex.quote(FLOOD)
+    flooded = json.loads(ssh(CELLS["cell1"], f"python3 -c {script} https://{LOAD_BALANCER}/service {per_ip_limit * 2}"))
+    other = json.loads(ssh(DATA_HOST, f"python3 -c {script} https://{LOAD_BALANCER}/service 2"))
+    counts = Counter(str(status) for status in flooded)
+    numbers = {"flood": dict(counts), "per_ip_limit": per_ip_limit, "other_client": other}
+    passed = counts["429"] >= per_ip_limit and counts["200"] <= per_ip_limit and other == [200, 200]
+    return Outcome(
+        "flood against the rate limits", f"{per_ip_limit * 2} computations at once from cell1, then 2 from data1",
+        "the flood beyond the per-client limit gets 429; the other client is served", 0, passed, numbers,
+    )  # fmt: skip
+
+
+def lab_rate_limit_per_ip() -> int:
+    settings = yaml.safe_load((INVENTORY.parent / "group_vars" / "loadbalancers" / "haproxy.yml").read_text())
+    return int(settings["haproxy_rate_limit_per_ip"])
+
+
+# --- report ----------------------------------------------------------------------------------------------------
+
+
+def report(outcomes: list[Outcome]) -> str:
+    lines = [
+        "# Chaos on the lab",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make chaos` (QEMU emulation, no KVM).",
+        "",
+        "| scenario | what it did | may lose | lost | passed | numbers |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        lines.append(f"| {o.scenario} | {o.did} | {o.may_lose} | {o.lost} | {'yes' if o.passed else '**no**'} | "
+                     f"`{json.dumps(o.numbers)}` |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=[], help="scenarios whose name contains one of these words")
+    args = parser.parse_args()
+    if not in_lab_namespace_possible():
+        sys.exit("make chaos needs root and the running lab (make up)")
+    scenarios: list[tuple[str, Callable[[], Outcome]]] = [
+        (fault.name, lambda fault=fault: run_process_fault(fault)) for fault in process_faults()
+    ]
+    scenarios += [
+        ("abrupt loss of a cell VM", vm_loss),
+        ("log host down under a burst", log_host_outage),
+        ("PostgreSQL restart during permalink writes", postgresql_restart),
+        ("HAProxy reloads under load", haproxy_reloads),
+        ("flood against the rate limits", lambda: flood(lab_rate_limit_per_ip())),
+    ]
+    chosen = [(n, s) for n, s in scenarios if not args.only or any(word in n for word in args.only)]
+    outcomes: list[Outcome] = []
+    for name, scenario in chosen:
+        log(f"{name} ...")
+        wait_until(every_cell_up, 300, "every cell UP before the scenario", interval=2)
+        try:
+            outcome = scenario()
+        except (TimeoutError, OSError, RuntimeError, subprocess.SubprocessError) as error:
+            outcome = Outcome(name, "did not finish", "", -1, False, {"error": str(error)})
+        log(f"{name}: lost {outcome.lost}, {'passed' if outcome.passed else 'FAILED'} {json.dumps(outcome.numbers)}")
+        outcomes.append(outcome)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "chaos.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+    (RESULTS / "chaos.md").write_text(report(outcomes))
+    print(report(outcomes))
+    sys.exit(0 if all(o.passed for o in outcomes) else 1)
+
+
+if __name__ == "__main__":
+    main()
