@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--permalink-host", default="10.78.0.14", help="mesh address")
     parser.add_argument("--seconds", type=float, default=30.0, help="per computation load")
     parser.add_argument("--read-seconds", type=float, default=10.0, help="per permalink read load")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients at once")
     args = parser.parse_args()
     lb = args.load_balancer
     balanced = "https://127.0.0.1"
@@ -110,7 +111,7 @@ def main() -> None:
     results: dict[str, Any] = {"through HAProxy+TLS": {}, "direct": {}}
     with rate_limits_exempted("127.0.0.1", lb):
         drive(lb, [f"{balanced}/service"], "POST", computation, None, 2, 5)  # warm-up: the reserves fill
-        for clients in (1, 8):
+        for clients in args.concurrency:
             load = f"print(1+1), {clients} client{'s' * (clients > 1)}"
             results["through HAProxy+TLS"][load] = drive(
                 lb, [f"{balanced}/service"], "POST", computation, '"2\\n"', clients, args.seconds
