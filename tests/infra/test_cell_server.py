@@ -286,6 +286,18 @@ def test_a_frozen_server_is_restarted_by_the_watchdog(cell: Cell) -> None:
     assert "watchdog timeout" in cell.host.check_output("journalctl -u cellserver --since -3min --no-pager").lower()
 
 
+def test_a_killed_nginx_is_started_again(cell: Cell) -> None:
+    # Debian's packaged unit has no Restart=: without the role's drop-in, the cell stayed out of rotation.
+    old = main_pid(cell, "nginx")
+    cell.host.run_test(f"kill -9 {old}")
+    deadline = time.monotonic() + 30
+    while main_pid(cell, "nginx") in (0, old) or not cell.host.service("nginx").is_running:
+        assert time.monotonic() < deadline, "nginx not started again within 30 s of kill -9"
+        time.sleep(0.5)
+    fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1/', timeout=30).status)"
+    assert cell.host.check_output(f"python3 -c {shlex.quote(fetch)}") == "200"
+
+
 def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) -> None:
     # The port still answers, but no computation can run: the provider is frozen and the reserve kernels
     # are killed behind its back (it cannot reap them nor tell the server).
