@@ -59,6 +59,7 @@ class Outcome:
     lost: int
     passed: bool
     numbers: dict[str, Any] = field(default_factory=dict)
+    measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
 def log(message: str) -> None:
@@ -87,8 +88,11 @@ def main_pid(address: str, unit: str) -> int:
 
 
 def unit_running(address: str, unit: str, not_pid: int = 0) -> bool:
-    state = ssh(address, f"systemctl show -p ActiveState,SubState,MainPID --value {unit}", check=False).split()
-    return state[:2] == ["active", "running"] and int(state[2]) not in (0, not_pid)
+    # systemctl prints the properties in its own order, not the order asked for.
+    lines = ssh(address, f"systemctl show -p ActiveState,SubState,MainPID {unit}", check=False).split()
+    state = dict(line.split("=", 1) for line in lines if "=" in line)
+    running = (state.get("ActiveState"), state.get("SubState")) == ("active", "running")
+    return running and int(state.get("MainPID") or 0) not in (0, not_pid)
 
 
 def failures_between(samples: list[Sample], start: float, end: float) -> Counter[str]:
@@ -216,17 +220,18 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
                 restarted = _wait_quietly(lambda: unit_running(fault.address, fault.unit, old_pid), STOP_SECONDS)
                 if not restarted:
                     ssh(fault.address, f"systemctl kill -s CONT {fault.unit}")
-            recovered = wait_until(
-                lambda: unit_running(fault.address, fault.unit) and every_cell_up(), RECOVERY_LIMIT_SECONDS,
-                f"{fault.unit} running and every cell UP",
-            )  # fmt: skip
-            recovered_at = fault_at + recovered
+            wait_until(lambda: unit_running(fault.address, fault.unit), RECOVERY_LIMIT_SECONDS, f"{fault.unit} back")
+            unit_back = time.monotonic() - fault_at
+            wait_until(every_cell_up, RECOVERY_LIMIT_SECONDS, "every cell UP in the load balancer")
+            recovered_at = time.monotonic()
+            recovered = recovered_at - fault_at
             time.sleep(10)
         new_pid = main_pid(fault.address, fault.unit)
         during = failures_between(load.samples, fault_at - 120, recovered_at)
         after = failures_between(load.samples, recovered_at, float("inf"))
         numbers: dict[str, Any] = {
-            "recovered_s": round(recovered, 1),
+            "unit_running_again_s": round(unit_back, 1),
+            "recovered_s": round(recovered, 1),  # running again and every cell UP in the load balancer
             "restarted": new_pid != old_pid,
             "requests": len(load.samples),
             "failed_until_recovered": dict(during),
@@ -408,14 +413,14 @@ def report(outcomes: list[Outcome]) -> str:
     lines = [
         "# Chaos on the lab",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make chaos` (QEMU emulation, no KVM).",
+        "Measured by `make chaos` on the lab (QEMU emulation, no KVM); each row says when.",
         "",
-        "| scenario | what it did | may lose | lost | passed | numbers |",
-        "|---|---|---|---|---|---|",
+        "| scenario | what it did | may lose | lost | passed | numbers | measured |",
+        "|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         lines.append(f"| {o.scenario} | {o.did} | {o.may_lose} | {o.lost} | {'yes' if o.passed else '**no**'} | "
-                     f"`{json.dumps(o.numbers)}` |")  # fmt: skip
+                     f"`{json.dumps(o.numbers)}` | {o.measured_at} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -446,11 +451,20 @@ def main() -> None:
             outcome = Outcome(name, "did not finish", "", -1, False, {"error": str(error)})
         log(f"{name}: lost {outcome.lost}, {'passed' if outcome.passed else 'FAILED'} {json.dumps(outcome.numbers)}")
         outcomes.append(outcome)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "chaos.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
-    (RESULTS / "chaos.md").write_text(report(outcomes))
-    print(report(outcomes))
+    everything = merged_with_earlier(outcomes)
+    (RESULTS / "chaos.json").write_text(json.dumps([asdict(o) for o in everything], indent=2) + "\n")
+    (RESULTS / "chaos.md").write_text(report(everything))
+    print(report(everything))
     sys.exit(0 if all(o.passed for o in outcomes) else 1)
+
+
+def merged_with_earlier(outcomes: list[Outcome]) -> list[Outcome]:
+    """A run of some scenarios (--only) replaces those in the last results and keeps the others, dated."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "chaos.json"
+    earlier = [Outcome(**row) for row in json.loads(path.read_text())] if path.exists() else []
+    fresh = {outcome.scenario for outcome in outcomes}
+    return [outcome for outcome in earlier if outcome.scenario not in fresh] + outcomes
 
 
 if __name__ == "__main__":
