@@ -8,7 +8,7 @@ A steady load of computations runs through the load balancer (from this machine,
 during every fault; permalink writes too where the fault is on the data host. Each scenario states up front
 what it may lose (the requests in flight when a process or VM dies, or sent to it before HAProxy's checks take
 it out); anything beyond that fails it. Writes bench/results/chaos.json and chaos.md. `make chaos` after
-`make up`; about 25 minutes under emulation. The lab is left as it was found (every service running, every
+`make up`; about an hour under emulation. The lab is left as it was found (every service running, every
 cell UP), or the scenario says it could not.
 """
 
