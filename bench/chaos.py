@@ -144,9 +144,8 @@ class PermalinkWriter:
     def lost(self) -> list[str]:
         """Acknowledged permalinks that do not read back with their code, read through the load balancer."""
         missing: list[str] = []
-        result: list[str] = []
 
-        def read_all() -> None:
+        def read_all() -> None:  # in a thread of its own: only a thread can enter the lab namespace
             enter_lab_namespace()
             context = ssl._create_unverified_context()
             for ident, code in self.acknowledged.items():
@@ -157,12 +156,11 @@ class PermalinkWriter:
                             missing.append(ident)
                 except (OSError, ValueError):
                     missing.append(ident)
-            result.extend(missing)
 
         reader = threading.Thread(target=read_all)
         reader.start()
         reader.join()
-        return result
+        return missing
 
 
 # --- scenarios -------------------------------------------------------------------------------------------------
