@@ -145,7 +145,7 @@ class PermalinkWriter:
         """Acknowledged permalinks that do not read back with their code, read through the load balancer."""
         missing: list[str] = []
 
-        def read_all() -> None:  # in a thread of its own: only a thread can enter the lab namespace
+        def read_all() -> None:  # a thread of its own enters the lab namespace; the main thread stays out
             enter_lab_namespace()
             context = ssl._create_unverified_context()
             for ident, code in self.acknowledged.items():
