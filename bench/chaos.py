@@ -27,8 +27,8 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,11 @@ def unit_running(address: str, unit: str, not_pid: int = 0) -> bool:
     state = dict(line.split("=", 1) for line in lines if "=" in line)
     running = (state.get("ActiveState"), state.get("SubState")) == ("active", "running")
     return running and int(state.get("MainPID") or 0) not in (0, not_pid)
+
+
+def running_postgresql_unit() -> str:
+    """The data host's PostgreSQL server unit (postgresql@VERSION-CLUSTER on Debian)."""
+    return ssh(DATA_HOST, "systemctl list-units --plain --no-legend --state=running 'postgresql@*'").split()[0]
 
 
 def failures_between(samples: list[Sample], start: float, end: float) -> Counter[str]:
@@ -187,7 +192,7 @@ def process_faults() -> list[ProcessFault]:
         for signal in ("KILL", "STOP")
     ]
     faults += [ProcessFault("lb1", LOAD_BALANCER, "haproxy.service", signal, "balancer") for signal in ("KILL", "STOP")]
-    database = ssh(DATA_HOST, "systemctl list-units --plain --no-legend --state=running 'postgresql@*'").split()[0]
+    database = running_postgresql_unit()
     faults += [
         ProcessFault("data1", DATA_HOST, unit, signal, "data")
         for unit in ("cellfleet-permalinks.service", database)
@@ -208,7 +213,7 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
     watch = StatusWatch("cell1") if fault.side == "cell" else None
     writer = PermalinkWriter() if fault.side == "data" else None
     try:
-        with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load, writer or _nothing():
+        with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load, writer or nullcontext():
             time.sleep(8)
             fault_at = time.monotonic()
             if fault.signal == "KILL":
@@ -252,11 +257,6 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
     finally:
         if watch:
             watch.stop()
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _wait_quietly(condition: Callable[[], bool], limit: float) -> bool:
@@ -338,7 +338,7 @@ def log_host_outage(lines: int = 10_000, outage: float = 60) -> Outcome:
 
 
 def postgresql_restart() -> Outcome:
-    database = ssh(DATA_HOST, "systemctl list-units --plain --no-legend --state=running 'postgresql@*'").split()[0]
+    database = running_postgresql_unit()
     with PermalinkWriter() as writer:
         time.sleep(10)
         ssh(DATA_HOST, f"systemctl restart {database}")

@@ -26,6 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results"
 LIBVIRT = "qemu:///system"
 LAB_VMS = ("lb1", "cell1", "cell2", "data1")
+CLONE_TO_SERVING_TARGET_S = 300  # issue 6: clone, boot, converge, health, under emulation
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,14 @@ def permalink_targets(data: Any) -> list[Target]:
 def cluster_targets(data: Any) -> list[Target]:
     seconds = dig(data, "clone_to_serving_s")
     return [
-        Target("clone-to-serving of a new cell", seconds, "s", "<= 300 s", at_most(seconds, 300), "cluster_ops"),
+        Target(
+            "clone-to-serving of a new cell",
+            seconds,
+            "s",
+            f"<= {CLONE_TO_SERVING_TARGET_S} s",
+            at_most(seconds, CLONE_TO_SERVING_TARGET_S),
+            "cluster_ops",
+        ),
     ]
 
 
@@ -184,13 +192,19 @@ def number(value: float) -> str:
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
-def plot_stack(data: Any, path: Path) -> bool:
-    """p50 and p99 latency of print(1+1) by concurrency, through HAProxy+TLS beside direct."""
+def headless_pyplot() -> Any:
+    """matplotlib's pyplot drawing to files, without a display; imported only when a plot is made."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_stack(data: Any, path: Path) -> bool:
+    """p50 and p99 latency of print(1+1) by concurrency, through HAProxy+TLS beside direct."""
+    plt = headless_pyplot()
     loads = [load for load in dig(data, "direct") or {} if load.startswith("print(1+1)")]
     if not loads:
         return False
@@ -215,11 +229,7 @@ def plot_stack(data: Any, path: Path) -> bool:
 
 def plot_clone_steps(data: Any, path: Path) -> bool:
     """Where the clone-to-serving time of a new cell goes, per step, against the 5-minute target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     steps = dig(data, "clone_to_serving_steps_s")
     if not steps:
         return False
@@ -228,7 +238,7 @@ def plot_clone_steps(data: Any, path: Path) -> bool:
     for step, seconds in steps.items():
         axis.barh(["new cell"], [seconds], left=left, label=f"{step} {seconds:.0f} s")
         left += seconds
-    axis.axvline(300, color="red", linestyle="--", label="target 300 s")
+    axis.axvline(CLONE_TO_SERVING_TARGET_S, color="red", linestyle="--", label=f"target {CLONE_TO_SERVING_TARGET_S} s")
     axis.set_xlabel("seconds")
     axis.legend(ncol=4, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.35))
     figure.tight_layout()

@@ -39,9 +39,13 @@ def wrong_value(option: dict[str, Any]) -> Any | None:
     return WRONG_BY_TYPE.get(kind)
 
 
-def wrong_inputs(role: str) -> dict[str, Any]:
+def main_options(role: str) -> dict[str, Any]:
     specs = yaml.safe_load((ROLES_DIR / role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
-    options = specs["main"].get("options", {})
+    return specs["main"].get("options", {})
+
+
+def wrong_inputs(role: str) -> dict[str, Any]:
+    options = main_options(role)
     wrong = {name: wrong_value(option) for name, option in options.items()}
     return {name: value for name, value in wrong.items() if value is not None}
 
@@ -66,8 +70,7 @@ def test_each_wrong_input_is_named_and_nothing_changes(tmp_path: Path, role: str
 
 def numbers_as_text(role: str) -> dict[str, str]:
     """Every int option with a default, given as text: what `-e name=value` on the command line passes."""
-    specs = yaml.safe_load((ROLES_DIR / role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
-    options = specs["main"].get("options", {})
+    options = main_options(role)
     return {name: str(option["default"]) for name, option in options.items()
             if option.get("type") == "int" and "default" in option}  # fmt: skip
 
