@@ -79,7 +79,7 @@ def wait_until(condition: Callable[[], bool], limit: float, what: str, interval:
 def every_cell_up() -> bool:
     try:
         return all(server_state(cell) == "UP" for cell in CELLS)
-    except (AssertionError, OSError, IndexError, subprocess.SubprocessError):
+    except (AssertionError, OSError, subprocess.SubprocessError):
         return False  # no answer from the load balancer counts as not yet
 
 

@@ -35,6 +35,7 @@ from lab import (  # noqa: E402
     wheelhouse_for,
 )
 from load import Sample, SteadyLoad  # noqa: E402
+from report import headless_pyplot  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
 TARGET_CLONE_TO_SERVING_S = 300
@@ -103,11 +104,7 @@ def roll_out(source: Path, version: str) -> tuple[float, str]:
 
 
 def plot(samples: list[Sample], marks: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     origin = min(sample.started for sample in samples)
     figure, axes = plt.subplots(figsize=(10, 4.5))
     for outcome in sorted({sample.outcome for sample in samples}):

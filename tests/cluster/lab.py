@@ -45,8 +45,13 @@ def admin(command: str, load_balancer: str = LOAD_BALANCER) -> str:
 
 
 def server_stats(server: str, backend: str = "cells") -> dict[str, str] | None:
-    """One server's row of the runtime API's CSV statistics, by column name; None when it has no such server."""
+    """One server's row of the runtime API's CSV statistics, by column name; None when it has no such server.
+
+    Raises ConnectionError when the runtime API gives no answer (HAProxy down or restarting): that says
+    nothing about the server."""
     lines = admin("show stat").splitlines()
+    if not lines:
+        raise ConnectionError("the load balancer's runtime API gave no answer to 'show stat'")
     columns = lines[0].lstrip("# ").split(",")
     for line in lines[1:]:
         fields = line.split(",")

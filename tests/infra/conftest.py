@@ -12,6 +12,8 @@ import testinfra
 from testinfra.host import Host
 from testinfra.utils.ansible_runner import AnsibleRunner
 
+from cells import Cell, first_cell
+
 # Ports the probe listeners take: two that groups open, one that no group opens.
 PROBE_PORTS = (80, 443, 8099)
 CONNECT_TIMEOUT_SECONDS = 4
@@ -49,6 +51,11 @@ def nodes(inventory_path: str) -> dict[str, Node]:
             variables=variables,
         )
     return result
+
+
+@pytest.fixture(scope="module")
+def cell(nodes: dict[str, Node]) -> Cell:
+    return first_cell(nodes)
 
 
 # Exit statuses of a TCP connect probe.

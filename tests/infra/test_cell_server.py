@@ -1,7 +1,6 @@
 """The cell server on a cell: computations run as pooled, confined workers and leave nothing behind.
 
-Requests go to the server on the cell's loopback (python3 on the cell posts them), exactly as nginx and
-the load balancer will reach it.
+Requests go to the server on the cell's loopback (see cells.py), exactly as nginx and the load balancer reach it.
 """
 
 from __future__ import annotations
@@ -10,82 +9,8 @@ import json
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import pytest
-from testinfra.host import Host
-
-from conftest import Node
-
-POST = """
-import json, sys, urllib.error, urllib.parse, urllib.request
-data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
-try:
-    with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
-        print(json.dumps({"status": answer.status, "headers": dict(answer.headers), "body": json.load(answer)}))
-except urllib.error.HTTPError as error:
-    print(json.dumps({"status": error.code, "headers": dict(error.headers), "body": json.load(error)}))
-"""
-
-
-POST_MANY = r"""
-import json, sys, urllib.error, urllib.parse, urllib.request
-data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
-def one(_):
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
-            return {"status": answer.status, "body": json.load(answer)}
-    except urllib.error.HTTPError as error:
-        return {"status": error.code, "body": json.load(error)}
-with ThreadPoolExecutor(int(sys.argv[3])) as pool:
-    print(json.dumps(list(pool.map(one, range(int(sys.argv[3]))))))
-"""
-
-
-@dataclass(frozen=True)
-class Cell:
-    node: Node
-    port: int
-    uids: dict[int, str]  # worker uid -> name
-    context: str
-
-    @property
-    def host(self) -> Host:
-        return self.node.host
-
-    def compute(self, code: str) -> dict:
-        output = self.host.check_output(f"python3 -c {shlex.quote(POST)} {self.port} {shlex.quote(code)}")
-        return json.loads(output)
-
-    def compute_many(self, code: str, count: int) -> list[dict]:
-        """count computations of code at once, from threads of one process on the cell."""
-        script = f"from concurrent.futures import ThreadPoolExecutor\n{POST_MANY}"
-        output = self.host.check_output(f"python3 -c {shlex.quote(script)} {self.port} {shlex.quote(code)} {count}")
-        return json.loads(output)
-
-    def stdout(self, code: str) -> str:
-        answer = self.compute(code)
-        assert answer["status"] == 200, answer
-        return answer["body"]["stdout"]
-
-
-@pytest.fixture(scope="module")
-def cell(nodes: dict[str, Node]) -> Cell:
-    cells = [node for node in nodes.values() if "cells" in node.groups]
-    if not cells:
-        pytest.skip("no host in the cells group")
-    node = cells[0]
-    pool = json.loads(node.host.file("/etc/cellfleet/worker-pool.json").content_string)
-    port = int(node.variables.get("cell_server_port", 8888))
-    found = Cell(node, port, {entry["uid"]: name for name, entry in pool["workers"].items()}, pool["selinux_context"])
-    # Another suite may have reset every worker (killing the reserve) or restarted the services.
-    node.host.run("systemctl start cellfleet-kernel-provider cellserver")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if node.host.run(f"python3 -c {shlex.quote(POST)} {port} 1").rc == 0:
-            break
-        time.sleep(2)
-    return found
+from cells import Cell
 
 
 def test_both_services_run_and_the_server_is_unprivileged(cell: Cell) -> None:
@@ -171,13 +96,6 @@ def test_a_computation_cannot_read_what_another_left_running(cell: Cell) -> None
     assert "'a'" not in stolen, stolen
 
 
-def wait_until_idle(cell: Cell) -> None:
-    """No worker still being reset from an earlier test, so every slot can take a computation."""
-    deadline = time.monotonic() + 60
-    while cell.host.run("pgrep -f cellfleet-worker-reset").rc == 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-
-
 def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
     slots = len(cell.uids)
     # Nothing else may take a worker meanwhile: load balancers probe /health through nginx, and the health
@@ -185,7 +103,7 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
     quiet = [unit for unit in ("nginx.service", "cellfleet-cell-health.timer") if cell.host.service(unit).is_running]
     cell.host.run_test(f"systemctl stop {' '.join(quiet)}" if quiet else "true")
     try:
-        wait_until_idle(cell)
+        cell.wait_until_idle()
         # Each holder marks its home once it runs, then sleeps until just before the wall limit.
         limit = int(cell.node.variables.get("cell_server_timeout", 30))
         hold = f"import os, time; open(os.path.expanduser('~/holding'), 'w').close(); time.sleep({limit - 1})"
@@ -204,7 +122,7 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
             answers = holding.result()
     finally:
         cell.host.run(f"systemctl start {' '.join(quiet)}" if quiet else "true")
-        wait_until_idle(cell)  # the next test needs a free worker: the holders' workers are being reset
+        cell.wait_until_idle()  # the next test needs a free worker: the holders' workers are being reset
     assert running == str(slots), f"only {running} of {slots} workers ran a holder at once"
     assert refused["status"] == 503, refused
     assert refused["headers"]["Retry-After"].isdigit()

@@ -1,0 +1,93 @@
+"""A client for the cell server on a cell: requests go to the server on the cell's loopback (python3 on the cell
+posts them), exactly as nginx and the load balancer reach it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from testinfra.host import Host
+
+    from conftest import Node
+
+POST = """
+import json, sys, urllib.error, urllib.parse, urllib.request
+data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
+try:
+    with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
+        print(json.dumps({"status": answer.status, "headers": dict(answer.headers), "body": json.load(answer)}))
+except urllib.error.HTTPError as error:
+    print(json.dumps({"status": error.code, "headers": dict(error.headers), "body": json.load(error)}))
+"""
+
+
+POST_MANY = r"""
+import json, sys, urllib.error, urllib.parse, urllib.request
+data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
+def one(_):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
+            return {"status": answer.status, "body": json.load(answer)}
+    except urllib.error.HTTPError as error:
+        return {"status": error.code, "body": json.load(error)}
+with ThreadPoolExecutor(int(sys.argv[3])) as pool:
+    print(json.dumps(list(pool.map(one, range(int(sys.argv[3]))))))
+"""
+
+
+@dataclass(frozen=True)
+class Cell:
+    node: Node
+    port: int
+    uids: dict[int, str]  # worker uid -> name
+    context: str
+
+    @property
+    def host(self) -> Host:
+        return self.node.host
+
+    def compute(self, code: str) -> dict:
+        output = self.host.check_output(f"python3 -c {shlex.quote(POST)} {self.port} {shlex.quote(code)}")
+        return json.loads(output)
+
+    def compute_many(self, code: str, count: int) -> list[dict]:
+        """count computations of code at once, from threads of one process on the cell."""
+        script = f"from concurrent.futures import ThreadPoolExecutor\n{POST_MANY}"
+        output = self.host.check_output(f"python3 -c {shlex.quote(script)} {self.port} {shlex.quote(code)} {count}")
+        return json.loads(output)
+
+    def stdout(self, code: str) -> str:
+        answer = self.compute(code)
+        assert answer["status"] == 200, answer
+        return answer["body"]["stdout"]
+
+    def wait_until_idle(self) -> None:
+        """No worker still being reset from an earlier computation, so every slot can take one."""
+        deadline = time.monotonic() + 60
+        while self.host.run("pgrep -f cellfleet-worker-reset").rc == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def first_cell(nodes: dict[str, Node]) -> Cell:
+    """The first host of the cells group, its services started and answering a computation."""
+    cells = [node for node in nodes.values() if "cells" in node.groups]
+    if not cells:
+        pytest.skip("no host in the cells group")
+    node = cells[0]
+    pool = json.loads(node.host.file("/etc/cellfleet/worker-pool.json").content_string)
+    port = int(node.variables.get("cell_server_port", 8888))
+    found = Cell(node, port, {entry["uid"]: name for name, entry in pool["workers"].items()}, pool["selinux_context"])
+    # Another suite may have reset every worker (killing the reserve) or restarted the services.
+    node.host.run("systemctl start cellfleet-kernel-provider cellserver")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if node.host.run(f"python3 -c {shlex.quote(POST)} {port} 1").rc == 0:
+            break
+        time.sleep(2)
+    return found
