@@ -215,11 +215,17 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
     try:
         with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load, writer or nullcontext():
             time.sleep(8)
-            fault_at = time.monotonic()
+            if watch:
+                wait_until(lambda: bool(watch.samples), 30, "the status watch streaming")
+            # Each SSH command takes seconds to connect under emulation: the fault happens at its end, so times
+            # count from when the command returned, and the command's own time is reported beside them.
+            issued = time.monotonic()
             if fault.signal == "KILL":
                 ssh(fault.address, f"kill -9 {old_pid}")
             else:
                 ssh(fault.address, f"systemctl kill -s STOP {fault.unit}")
+            fault_at = time.monotonic()
+            if fault.signal == "STOP":
                 restarted = _wait_quietly(lambda: unit_running(fault.address, fault.unit, old_pid), STOP_SECONDS)
                 if not restarted:
                     ssh(fault.address, f"systemctl kill -s CONT {fault.unit}")
@@ -230,9 +236,10 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
             recovered = recovered_at - fault_at
             time.sleep(10)
         new_pid = main_pid(fault.address, fault.unit)
-        during = failures_between(load.samples, fault_at - 120, recovered_at)
+        during = failures_between(load.samples, issued - 120, recovered_at)
         after = failures_between(load.samples, recovered_at, float("inf"))
         numbers: dict[str, Any] = {
+            "fault_command_s": round(fault_at - issued, 1),
             "unit_running_again_s": round(unit_back, 1),
             "recovered_s": round(recovered, 1),  # running again and every cell UP in the load balancer
             "restarted": new_pid != old_pid,
@@ -242,7 +249,7 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
         }
         lost = sum(after.values())
         if watch:
-            out = watch.first(lambda status: not status.startswith("UP"), fault_at)
+            out = watch.first(lambda status: not status.startswith("UP"), issued)
             numbers["out_of_rotation_after_s"] = round(out - fault_at, 1) if out else None
         if fault.side == "data":
             lost += sum(during.values())  # computations never touch the data host
@@ -273,12 +280,14 @@ def vm_loss() -> Outcome:
     try:
         with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load:
             time.sleep(8)
-            destroyed = time.monotonic()
+            wait_until(lambda: bool(watch.samples), 30, "the status watch streaming")
+            issued = time.monotonic()
             virsh("destroy", victim)
-            wait_until(lambda: watch.first(lambda s: not s.startswith("UP"), destroyed) is not None, 60, "out")
-            out = watch.first(lambda s: not s.startswith("UP"), destroyed) or destroyed
+            destroyed = time.monotonic()  # the guest stops running by the time virsh returns
+            wait_until(lambda: watch.first(lambda s: not s.startswith("UP"), issued) is not None, 60, "out")
+            out = watch.first(lambda s: not s.startswith("UP"), issued) or destroyed
             time.sleep(20)
-        in_flight = failures_between(load.samples, destroyed - 120, out)
+        in_flight = failures_between(load.samples, issued - 120, out)
         after = failures_between(load.samples, out, float("inf"))
     finally:
         watch.stop()
@@ -286,6 +295,7 @@ def vm_loss() -> Outcome:
             virsh("start", victim)
     back = wait_until(every_cell_up, 600, f"{victim} back UP after its restart", interval=5)
     numbers = {
+        "destroy_command_s": round(destroyed - issued, 1),
         "out_of_rotation_after_s": round(out - destroyed, 1),
         "requests": len(load.samples),
         "failed_in_flight": dict(in_flight),

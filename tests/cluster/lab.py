@@ -121,11 +121,15 @@ def inventory_with_new_cell(directory: Path) -> Path:
 class StatusWatch:
     """Streams one server's status from the load balancer (every 0.1 s), stamped with this machine's clock."""
 
-    def __init__(self, server: str) -> None:
-        script = (
-            "while :; do echo 'show stat' | socat stdio unix-connect:/run/haproxy/admin.sock"
-            f' | awk -F, \'$1=="cells" && $2=="{server}" {{print $18; fflush()}}\'; sleep 0.1; done'
+    def __init__(self, server: str, limit_seconds: int = 3600) -> None:
+        # The loop must end with its reader: SSH leaves a remote command running when the client goes, and a
+        # forgotten loop (one per watch) starves the load balancer's single CPU. awk dies writing to the closed
+        # pipe, which ends the loop; `timeout` bounds it whatever happens.
+        loop = (
+            "while echo 'show stat' | socat stdio unix-connect:/run/haproxy/admin.sock"
+            f' | awk -F, \'$1=="cells" && $2=="{server}" {{print $18; fflush()}}\'; do sleep 0.1; done'
         )
+        script = f"timeout {limit_seconds} sh -c {shlex.quote(loop)}"
         self.process = subprocess.Popen(ssh_command(LOAD_BALANCER, script), stdout=subprocess.PIPE, text=True)
         self.samples: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
