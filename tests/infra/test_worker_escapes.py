@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shlex
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ def main_pid(cell: Cell, unit: str) -> int:
 
 def in_kernels_view(cell: Cell, command: str) -> str:
     """command run in the kernel provider's mount namespace: the kernels' private /tmp, /var/tmp and /dev."""
-    return cell.host.check_output(f"nsenter -t {main_pid(cell, PROVIDER_UNIT)} -m sh -c {json.dumps(command)}")
+    return cell.host.check_output(f"nsenter -t {main_pid(cell, PROVIDER_UNIT)} -m sh -c {shlex.quote(command)}")
 
 
 def wait_for_release(cell: Cell, uid: int, name: str) -> str:
