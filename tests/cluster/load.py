@@ -38,7 +38,7 @@ class Sample:
     seconds: float
     outcome: str  # an HTTP status, or the exception's name
     release: str
-    detail: str = ""  # what a wrong answer said instead, for the report
+    detail: str = ""  # what a wrong answer or an error answer said, for the report
 
 
 @dataclass
@@ -86,6 +86,7 @@ class SteadyLoad:
                 # answer came from HAProxy or nginx (no server, server gone, timeout).
                 release = error.headers.get("X-Cellserver-Version", "")
                 outcome = f"{error.code} {'from the cell' if release else 'from the proxy'}"
+                detail = error.read(300).decode(errors="replace")
             except (OSError, ValueError) as error:
                 outcome = type(error).__name__
             with self._lock:
