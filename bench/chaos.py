@@ -8,7 +8,7 @@ A steady load of computations runs through the load balancer (from this machine,
 during every fault; permalink writes too where the fault is on the data host. Each scenario states up front
 what it may lose (the requests in flight when a process or VM dies, or sent to it before HAProxy's checks take
 it out); anything beyond that fails it. Writes bench/results/chaos.json and chaos.md. `make chaos` after
-`make up`; about an hour under emulation. The lab is left as it was found (every service running, every
+`make up`; about 30 minutes under emulation. The lab is left as it was found (every service running, every
 cell UP), or the scenario says it could not.
 """
 
@@ -216,7 +216,7 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
         with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load, writer or nullcontext():
             time.sleep(8)
             if watch:
-                wait_until(lambda: bool(watch.samples), 30, "the status watch streaming")
+                watch.wait_streaming()
             # Each SSH command takes seconds to connect under emulation: the fault happens at its end, so times
             # count from when the command returned, and the command's own time is reported beside them.
             issued = time.monotonic()
@@ -249,7 +249,7 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
         }
         lost = sum(after.values())
         if watch:
-            out = watch.first(lambda status: not status.startswith("UP"), issued)
+            out = watch.out_of_rotation_since(issued)
             numbers["out_of_rotation_after_s"] = round(out - fault_at, 1) if out else None
         if fault.side == "data":
             lost += sum(during.values())  # computations never touch the data host
@@ -280,12 +280,12 @@ def vm_loss() -> Outcome:
     try:
         with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load:
             time.sleep(8)
-            wait_until(lambda: bool(watch.samples), 30, "the status watch streaming")
+            watch.wait_streaming()
             issued = time.monotonic()
             virsh("destroy", victim)
             destroyed = time.monotonic()  # the guest stops running by the time virsh returns
-            wait_until(lambda: watch.first(lambda s: not s.startswith("UP"), issued) is not None, 60, "out")
-            out = watch.first(lambda s: not s.startswith("UP"), issued) or destroyed
+            wait_until(lambda: watch.out_of_rotation_since(issued) is not None, 60, f"{victim} out of rotation")
+            out = watch.out_of_rotation_since(issued) or destroyed
             time.sleep(20)
         in_flight = failures_between(load.samples, issued - 120, out)
         after = failures_between(load.samples, out, float("inf"))

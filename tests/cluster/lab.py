@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,8 +140,18 @@ class StatusWatch:
         for line in self.process.stdout:
             self.samples.append((time.monotonic(), line.strip()))
 
-    def first(self, predicate: Callable[[str], bool], since: float) -> float | None:
-        return next((stamp for stamp, status in list(self.samples) if stamp >= since and predicate(status)), None)
+    def out_of_rotation_since(self, since: float) -> float | None:
+        """When the server was first seen in any state but UP (DOWN, going down, drained...) at or after since."""
+        samples = list(self.samples)  # the reader thread appends meanwhile
+        return next((stamp for stamp, status in samples if stamp >= since and not status.startswith("UP")), None)
+
+    def wait_streaming(self, limit: float = 30) -> None:
+        """Returns once a status has arrived: a fault timed before that would be timed by the SSH connect."""
+        deadline = time.monotonic() + limit
+        while not self.samples:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no status from the load balancer within {limit:.0f} s")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -111,10 +111,10 @@ def test_a_cell_vm_lost_abruptly_is_out_of_rotation_in_seconds() -> None:
             destroyed = time.monotonic()
             virsh("destroy", victim)
             deadline = destroyed + 60
-            while watch.first(lambda status: not status.startswith("UP"), destroyed) is None:
+            while watch.out_of_rotation_since(destroyed) is None:
                 assert time.monotonic() < deadline, f"{victim} still UP a minute after its VM was destroyed"
                 time.sleep(0.2)
-            out = watch.first(lambda status: not status.startswith("UP"), destroyed)
+            out = watch.out_of_rotation_since(destroyed)
             time.sleep(30)
         before = [s for s in load.samples if s.started < out]
         after = [s for s in load.samples if s.started >= out]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from conftest import main_pid
+
 if TYPE_CHECKING:
     from testinfra.host import Host
 
@@ -66,6 +68,11 @@ class Cell:
         answer = self.compute(code)
         assert answer["status"] == 200, answer
         return answer["body"]["stdout"]
+
+    def in_kernels_view(self, command: str) -> str:
+        """command's output, run in the kernel provider's mount namespace: the kernels' private /tmp, /var/tmp, /dev."""
+        provider = main_pid(self.host, "cellfleet-kernel-provider")
+        return self.host.check_output(f"nsenter -t {provider} -m sh -c {shlex.quote(command)}")
 
     def wait_until_idle(self) -> None:
         """No worker still being reset from an earlier computation, so every slot can take one."""

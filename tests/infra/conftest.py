@@ -5,14 +5,15 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import testinfra
 from testinfra.host import Host
 from testinfra.utils.ansible_runner import AnsibleRunner
 
-from cells import Cell, first_cell
+if TYPE_CHECKING:
+    from cells import Cell
 
 # Ports the probe listeners take: two that groups open, one that no group opens.
 PROBE_PORTS = (80, 443, 8099)
@@ -53,8 +54,15 @@ def nodes(inventory_path: str) -> dict[str, Node]:
     return result
 
 
+def main_pid(host: Host, unit: str) -> int:
+    """The unit's main process id on host (0 when it has none)."""
+    return int(host.check_output(f"systemctl show -p MainPID --value {unit}"))
+
+
 @pytest.fixture(scope="module")
 def cell(nodes: dict[str, Node]) -> Cell:
+    from cells import first_cell  # cells.py imports this module: imported here, once both are loaded
+
     return first_cell(nodes)
 
 

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cells import Cell
+from conftest import main_pid
 
 
 def test_both_services_run_and_the_server_is_unprivileged(cell: Cell) -> None:
@@ -64,13 +65,13 @@ def test_what_a_computation_leaves_is_gone_after_its_answer(cell: Cell) -> None:
     uid, pid = cell.stdout(code).split()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = cell.host.run(f"ps -o pid= -u {uid}; nsenter -t $(systemctl show -p MainPID --value "
-                             f"cellfleet-kernel-provider) -m find / -xdev -user {uid} -name left-behind")  # fmt: skip
-        if pid not in left.stdout.split() and "left-behind" not in left.stdout:
+        left = cell.host.run(f"ps -o pid= -u {uid}").stdout
+        left += cell.in_kernels_view(f"find / -xdev -user {uid} -name left-behind")
+        if pid not in left.split() and "left-behind" not in left:
             break
         time.sleep(1)
-    assert pid not in left.stdout.split(), "the escaped process outlived the answer"
-    assert "left-behind" not in left.stdout, left.stdout
+    assert pid not in left.split(), "the escaped process outlived the answer"
+    assert "left-behind" not in left, left
 
 
 def test_a_computation_cannot_read_what_another_left_running(cell: Cell) -> None:
@@ -148,10 +149,6 @@ def test_the_health_endpoint_runs_a_computation(cell: Cell) -> None:
     assert json.loads(output)["healthy"] is True
 
 
-def main_pid(cell: Cell, unit: str) -> int:
-    return int(cell.host.check_output(f"systemctl show -p MainPID --value {unit}"))
-
-
 # Runs on the cell, so the clock is not blurred by an SSH round trip per probe: after the signal, poll
 # /health every 0.1 s and print when a new process answered it (the old one cannot: it is dead or stopped).
 AFTER_SIGNAL = r"""
@@ -180,7 +177,7 @@ print(json.dumps({"new_process": new_process, "healthy": None}))
 
 def seconds_after_signal(cell: Cell, signame: str, limit: float) -> dict:
     """Send signame to the server and time its replacement: a new process, then a /health answer from it."""
-    old = main_pid(cell, "cellserver")
+    old = main_pid(cell.host, "cellserver")
     script = shlex.quote(AFTER_SIGNAL)
     return json.loads(cell.host.check_output(f"python3 -c {script} {cell.port} {old} {signame} {limit}"))
 
@@ -194,7 +191,7 @@ def test_a_killed_server_is_back_and_healthy_within_seconds(cell: Cell) -> None:
 
 def test_a_frozen_server_is_restarted_by_the_watchdog(cell: Cell) -> None:
     watchdog = int(cell.node.variables.get("cell_server_watchdog_seconds", 10))
-    old = main_pid(cell, "cellserver")
+    old = main_pid(cell.host, "cellserver")
     try:
         took = seconds_after_signal(cell, "SIGSTOP", watchdog + 60)
     finally:
@@ -206,10 +203,10 @@ def test_a_frozen_server_is_restarted_by_the_watchdog(cell: Cell) -> None:
 
 def test_a_killed_nginx_is_started_again(cell: Cell) -> None:
     # Debian's packaged unit has no Restart=: without the role's drop-in, the cell stayed out of rotation.
-    old = main_pid(cell, "nginx")
+    old = main_pid(cell.host, "nginx")
     cell.host.run_test(f"kill -9 {old}")
     deadline = time.monotonic() + 30
-    while main_pid(cell, "nginx") in (0, old) or not cell.host.service("nginx").is_running:
+    while main_pid(cell.host, "nginx") in (0, old) or not cell.host.service("nginx").is_running:
         assert time.monotonic() < deadline, "nginx not started again within 30 s of kill -9"
         time.sleep(0.5)
     fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1/', timeout=30).status)"
@@ -220,8 +217,8 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     # The port still answers, but no computation can run: the provider is frozen and the reserve kernels
     # are killed behind its back (it cannot reap them nor tell the server).
     assert cell.host.service("cellfleet-cell-health.timer").is_running
-    provider = main_pid(cell, "cellfleet-kernel-provider")
-    server = main_pid(cell, "cellserver")
+    provider = main_pid(cell.host, "cellfleet-kernel-provider")
+    server = main_pid(cell.host, "cellserver")
     cell.host.run_test(f"kill -STOP {provider}")
     for uid in cell.uids:
         cell.host.run(f"pkill -KILL -U {uid}")
@@ -232,7 +229,7 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     assert check.rc != 0
     log = cell.host.check_output("journalctl -u cellfleet-cell-health --since '-5min' --no-pager")
     assert "restarting cellserver.service" in log and "failed" in log
-    assert main_pid(cell, "cellserver") != server
+    assert main_pid(cell.host, "cellserver") != server
     probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=10)"
     deadline = time.monotonic() + 120
     while cell.host.run(f"python3 -c {shlex.quote(probe)}").rc != 0:

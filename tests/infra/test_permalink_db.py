@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import Node
+from conftest import Node, main_pid
 
 SERVICE = "cellfleet-permalinks.service"
 PORT = 8889
@@ -80,10 +80,6 @@ def read_back(host: Node, url: str, idents: list[str]) -> dict[str, str]:
     return json.loads(host.host.check_output(f"echo {payload} | python3 -c {script} {shlex.quote(url)}"))
 
 
-def main_pid(node: Node, unit: str) -> int:
-    return int(node.host.check_output(f"systemctl show -p MainPID --value {unit}"))
-
-
 def postgresql_unit(node: Node) -> str:
     units = node.host.check_output("systemctl list-units --plain --no-legend 'postgresql@*.service' postgresql.service")
     running = [line.split()[0] for line in units.splitlines() if " running " in f" {line} "]
@@ -94,7 +90,7 @@ def postgresql_unit(node: Node) -> str:
 def seconds_until_back(node: Node, unit: str, old_pid: int, limit: float) -> float:
     started = time.monotonic()
     while True:
-        pid = main_pid(node, unit)
+        pid = main_pid(node.host, unit)
         if pid not in (0, old_pid) and node.host.service(unit).is_running:
             return time.monotonic() - started
         assert time.monotonic() - started < limit, f"{unit} not back within {limit:.0f} s"
@@ -109,11 +105,11 @@ def test_kill_9_of_the_service_and_of_postgresql_loses_no_acknowledged_permalink
     with ThreadPoolExecutor(1) as background:
         writing = background.submit(write_for, writer_host, url, 40, run)
         time.sleep(6)
-        service_pid = main_pid(data, SERVICE)
+        service_pid = main_pid(data.host, SERVICE)
         data.host.run_test(f"kill -9 {service_pid}")
         service_back = seconds_until_back(data, SERVICE, service_pid, 30)
         time.sleep(6)
-        postmaster_pid = main_pid(data, database)
+        postmaster_pid = main_pid(data.host, database)
         data.host.run_test(f"kill -9 {postmaster_pid}")
         database_back = seconds_until_back(data, database, postmaster_pid, 60)
         result = writing.result(timeout=120)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import secrets
-import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from cells import Cell
+from conftest import main_pid
 
 PROVIDER_UNIT = "cellfleet-kernel-provider"
 PROVIDER_SOCKET = "/run/cellfleet-kernel-provider/provider.sock"
@@ -28,28 +28,20 @@ CANARY_DIR = "/var/lib/cellfleet-escape-canary"
 SETTLE_SECONDS = 45
 
 
-def main_pid(cell: Cell, unit: str) -> int:
-    return int(cell.host.check_output(f"systemctl show -p MainPID --value {unit}"))
-
-
-def in_kernels_view(cell: Cell, command: str) -> str:
-    """command run in the kernel provider's mount namespace: the kernels' private /tmp, /var/tmp and /dev."""
-    return cell.host.check_output(f"nsenter -t {main_pid(cell, PROVIDER_UNIT)} -m sh -c {shlex.quote(command)}")
-
-
-def wait_for_release(cell: Cell, uid: int, name: str) -> str:
-    """The files called name* the worker still owns after its computation's answer, as root sees them.
-
-    The answer comes first, the reset of the worker after it, so this waits until nothing is left (or the time
-    is up) and returns what was found last."""
+def until_nothing_left(look: Callable[[], str]) -> str:
+    """What look() still finds once the release has had its time: the answer comes first, the reset of the
+    worker after it, so this looks again until look() finds nothing or SETTLE_SECONDS are up."""
     deadline = time.monotonic() + SETTLE_SECONDS
-    left = "unchecked"
-    while time.monotonic() < deadline:
-        left = in_kernels_view(cell, f"find / /dev/shm {KERNEL_RUNTIME_DIR} -xdev -user {uid} -name '{name}*'")
-        if not left.strip():
-            return ""
+    while (left := look()).strip() and time.monotonic() < deadline:
         time.sleep(1)
-    return left
+    return left.strip()
+
+
+def files_left(cell: Cell, uid: int, name: str) -> str:
+    """The files called name* the worker still owns after its computation's release, as root sees them."""
+    return until_nothing_left(
+        lambda: cell.in_kernels_view(f"find / /dev/shm {KERNEL_RUNTIME_DIR} -xdev -user {uid} -name '{name}*'")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +65,18 @@ def checksums(cell: Cell) -> str:
 
 # --- links ----------------------------------------------------------------------------------------
 
-PLANT_LINKS = r"""
-import glob, json, os
+# Computation code that finds its own kernel's directory (the one its worker owns) as kernel_dir.
+OWN_KERNEL_DIR = f"""
+import glob, os
+kernel_dir = [d for d in glob.glob("{KERNEL_RUNTIME_DIR}/*") if os.stat(d).st_uid == os.getuid()][0]
+"""
+
+PLANT_LINKS = (
+    OWN_KERNEL_DIR
+    + r"""
+import json
 targets = {"file": "CANARY_FILE", "dir": "CANARY_DIR", "shadow": "/etc/shadow"}
 # Every place the worker may write: its home, the private /tmp and /var/tmp, /dev/shm, its kernel's directory.
-kernel_dir = [d for d in glob.glob("KERNEL_RUNTIME_DIR/*") if os.stat(d).st_uid == os.getuid()][0]
 places = [os.path.expanduser("~"), "/tmp", "/var/tmp", "/dev/shm", kernel_dir]
 found = {"kernel_dir": kernel_dir, "read": {}, "hard": {}}
 for place in places:
@@ -97,15 +96,11 @@ for place in places:
             found["hard"][place + " " + target] = error.errno
 print(json.dumps(found))
 """
+)
 
 
 def plant_links_code(name: str) -> str:
-    return (
-        PLANT_LINKS.replace("CANARY_FILE", CANARY_FILE)
-        .replace("CANARY_DIR", CANARY_DIR)
-        .replace("KERNEL_RUNTIME_DIR", KERNEL_RUNTIME_DIR)
-        .replace("NAME", name)
-    )
+    return PLANT_LINKS.replace("CANARY_FILE", CANARY_FILE).replace("CANARY_DIR", CANARY_DIR).replace("NAME", name)
 
 
 def test_links_planted_by_a_computation_are_never_followed_by_root(cell: Cell, canaries: dict[str, str]) -> None:
@@ -120,7 +115,7 @@ def test_links_planted_by_a_computation_are_never_followed_by_root(cell: Cell, c
     assert canaries["text"] not in answer["body"]["stdout"]
     assert set(found["hard"].values()) <= {1, 13, 18}, found["hard"]  # EPERM, EACCES, EXDEV: never "linked"
     # ... and root's release of the kernel and reset of the worker (rmtree, reset, restorecon) followed none.
-    left = wait_for_release(cell, uid, name)
+    left = files_left(cell, uid, name)
     assert left == "", f"left after the reset: {left}"
     assert cell.host.run(f"test -e {found['kernel_dir']}").rc == 1, "the kernel's directory outlived it"
     assert checksums(cell) == canaries["checksums"]
@@ -128,9 +123,9 @@ def test_links_planted_by_a_computation_are_never_followed_by_root(cell: Cell, c
 
 # --- hard links and the quota -----------------------------------------------------------------------
 
-HARD_LINK_HOARD = r"""
-import glob, os
-kernel_dir = [d for d in glob.glob("KERNEL_RUNTIME_DIR/*") if os.stat(d).st_uid == os.getuid()][0]
+HARD_LINK_HOARD = (
+    OWN_KERNEL_DIR
+    + r"""
 home_file = os.path.expanduser("~/NAME")
 with open(home_file, "wb") as f:
     f.write(os.urandom(8 << 20))
@@ -146,6 +141,7 @@ for place in ("/tmp", "/var/tmp", os.path.expanduser("~/.cache-NAME"), kernel_di
         linked.append(error.errno)
 print(os.getuid(), os.stat(home_file).st_nlink, linked)
 """
+)
 
 
 def quota_used(cell: Cell) -> dict[int, tuple[int, int]]:
@@ -161,10 +157,10 @@ def test_hard_links_keep_neither_data_nor_quota_past_the_reset(cell: Cell) -> No
     before = quota_used(cell)
     most_kib, most_files = max(before[uid][0] for uid in cell.uids), max(before[uid][1] for uid in cell.uids)
     name = "hoard-" + secrets.token_hex(3)
-    hoarded = cell.stdout(HARD_LINK_HOARD.replace("KERNEL_RUNTIME_DIR", KERNEL_RUNTIME_DIR).replace("NAME", name))
+    hoarded = cell.stdout(HARD_LINK_HOARD.replace("NAME", name))
     uid, links, _ = hoarded.split(" ", 2)
     assert int(links) >= 2, f"no extra name could be made, the test proves nothing: {hoarded}"
-    left = wait_for_release(cell, int(uid), name)
+    left = files_left(cell, int(uid), name)
     assert left == "", f"left after the reset: {left}"
     kib, files = quota_used(cell)[int(uid)]
     assert kib <= most_kib and files <= most_files, f"the reset left {kib} KiB in {files} files on the quota"
@@ -192,7 +188,7 @@ SERVICE_VARIABLES = {
 
 
 def service_environment(cell: Cell, unit: str) -> set[str]:
-    raw = cell.host.check_output(f"tr '\\0' '\\n' < /proc/{main_pid(cell, unit)}/environ")
+    raw = cell.host.check_output(f"tr '\\0' '\\n' < /proc/{main_pid(cell.host, unit)}/environ")
     return {line for line in raw.splitlines() if "=" in line}
 
 
@@ -259,7 +255,7 @@ def test_proc_and_sockets_of_other_computations_and_services_are_out_of_reach(ce
         # The bracket keeps pgrep's own shell, whose command line holds the pattern, from matching.
         holder_pids = cell.host.check_output(f"pgrep -f '[{secret[0]}]{secret[1:]}'").split()
         assert holder_pids, "the holder's process did not start"
-        pids = [*map(int, holder_pids), main_pid(cell, PROVIDER_UNIT), main_pid(cell, "cellserver"), 1]
+        pids = [*map(int, holder_pids), main_pid(cell.host, PROVIDER_UNIT), main_pid(cell.host, "cellserver"), 1]
         snoop = SNOOP.replace("PIDS", repr(pids)).replace("KERNEL_RUNTIME_DIR", KERNEL_RUNTIME_DIR)
         answer = cell.compute(snoop.replace("PROVIDER_SOCKET", PROVIDER_SOCKET).replace("SECRET", secret))
         assert holding.result()["status"] == 200
@@ -309,11 +305,5 @@ def test_no_process_of_a_computation_survives_its_reset(cell: Cell) -> None:
         f"ps -o pid=,stat=,comm= -p {','.join(pids)}; "
         f"ps -o pid=,stat=,comm= -u {uid} | awk '$2 ~ /Z/ || $3 ~ /^(sleep|kworker)/'"
     )
-    deadline = time.monotonic() + SETTLE_SECONDS
-    left = "unchecked"
-    while time.monotonic() < deadline:
-        left = cell.host.run(survivors).stdout
-        if not left.strip():
-            break
-        time.sleep(1)
-    assert not left.strip(), f"still there after the reset: {left}"
+    left = until_nothing_left(lambda: cell.host.run(survivors).stdout)
+    assert not left, f"still there after the reset: {left}"
