@@ -208,6 +208,14 @@ MAY_LOSE = {
 }
 
 
+@dataclass(frozen=True)
+class FaultTimes:
+    issued: float  # monotonic: when the fault's command was sent
+    struck: float  # when it returned: times count from here
+    unit_back: float  # when the unit ran again
+    recovered: float  # when, besides, every cell was UP in the load balancer
+
+
 def run_process_fault(fault: ProcessFault) -> Outcome:
     old_pid = main_pid(fault.address, fault.unit)
     watch = StatusWatch("cell1") if fault.side == "cell" else None
@@ -217,53 +225,66 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
             time.sleep(8)
             if watch:
                 watch.wait_streaming()
-            # Each SSH command takes seconds to connect under emulation: the fault happens at its end, so times
-            # count from when the command returned, and the command's own time is reported beside them.
-            issued = time.monotonic()
-            if fault.signal == "KILL":
-                ssh(fault.address, f"kill -9 {old_pid}")
-            else:
-                ssh(fault.address, f"systemctl kill -s STOP {fault.unit}")
-            fault_at = time.monotonic()
-            if fault.signal == "STOP":
-                restarted = _wait_quietly(lambda: unit_running(fault.address, fault.unit, old_pid), STOP_SECONDS)
-                if not restarted:
-                    ssh(fault.address, f"systemctl kill -s CONT {fault.unit}")
-            wait_until(lambda: unit_running(fault.address, fault.unit), RECOVERY_LIMIT_SECONDS, f"{fault.unit} back")
-            unit_back = time.monotonic() - fault_at
-            wait_until(every_cell_up, RECOVERY_LIMIT_SECONDS, "every cell UP in the load balancer")
-            recovered_at = time.monotonic()
-            recovered = recovered_at - fault_at
+            times = strike_and_recover(fault, old_pid)
             time.sleep(10)
-        new_pid = main_pid(fault.address, fault.unit)
-        during = failures_between(load.samples, issued - 120, recovered_at)
-        after = failures_between(load.samples, recovered_at, float("inf"))
-        numbers: dict[str, Any] = {
-            "fault_command_s": round(fault_at - issued, 1),
-            "unit_running_again_s": round(unit_back, 1),
-            "recovered_s": round(recovered, 1),  # running again and every cell UP in the load balancer
-            "restarted": new_pid != old_pid,
-            "requests": len(load.samples),
-            "failed_until_recovered": dict(during),
-            "failed_after": dict(after),
-        }
-        lost = sum(after.values())
-        if watch:
-            out = watch.out_of_rotation_since(issued)
-            numbers["out_of_rotation_after_s"] = round(out - fault_at, 1) if out else None
-        if fault.side == "data":
-            lost += sum(during.values())  # computations never touch the data host
-        if writer:
-            missing = writer.lost()
-            numbers |= {"permalinks_acknowledged": len(writer.acknowledged), "permalinks_refused": dict(writer.refused)}
-            numbers["permalinks_lost"] = len(missing)
-            lost += len(missing)
-        held = f", held {STOP_SECONDS} s unless restarted" if fault.signal == "STOP" else ""
-        did = f"{fault.name} under load{held}"
-        return Outcome(fault.name, did, MAY_LOSE[fault.side], lost, lost == 0, numbers)
+        return process_fault_outcome(fault, times, old_pid, load.samples, watch, writer)
     finally:
         if watch:
             watch.stop()
+
+
+def strike_and_recover(fault: ProcessFault, old_pid: int) -> FaultTimes:
+    # Each SSH command takes seconds to connect under emulation: the fault happens at its end, so times count
+    # from when the command returned, and the command's own time is reported beside them.
+    issued = time.monotonic()
+    if fault.signal == "KILL":
+        ssh(fault.address, f"kill -9 {old_pid}")
+    else:
+        ssh(fault.address, f"systemctl kill -s STOP {fault.unit}")
+    struck = time.monotonic()
+    if fault.signal == "STOP":
+        restarted = _wait_quietly(lambda: unit_running(fault.address, fault.unit, old_pid), STOP_SECONDS)
+        if not restarted:
+            ssh(fault.address, f"systemctl kill -s CONT {fault.unit}")
+    wait_until(lambda: unit_running(fault.address, fault.unit), RECOVERY_LIMIT_SECONDS, f"{fault.unit} back")
+    unit_back = time.monotonic()
+    wait_until(every_cell_up, RECOVERY_LIMIT_SECONDS, "every cell UP in the load balancer")
+    return FaultTimes(issued, struck, unit_back, time.monotonic())
+
+
+def process_fault_outcome(
+    fault: ProcessFault,
+    times: FaultTimes,
+    old_pid: int,
+    samples: list[Sample],
+    watch: StatusWatch | None,
+    writer: PermalinkWriter | None,
+) -> Outcome:
+    during = failures_between(samples, times.issued - 120, times.recovered)
+    after = failures_between(samples, times.recovered, float("inf"))
+    numbers: dict[str, Any] = {
+        "fault_command_s": round(times.struck - times.issued, 1),
+        "unit_running_again_s": round(times.unit_back - times.struck, 1),
+        "recovered_s": round(times.recovered - times.struck, 1),  # running again and every cell UP in the balancer
+        "restarted": main_pid(fault.address, fault.unit) != old_pid,
+        "requests": len(samples),
+        "failed_until_recovered": dict(during),
+        "failed_after": dict(after),
+    }
+    lost = sum(after.values())
+    if watch:
+        out = watch.out_of_rotation_since(times.issued)
+        numbers["out_of_rotation_after_s"] = round(out - times.struck, 1) if out else None
+    if fault.side == "data":
+        lost += sum(during.values())  # computations never touch the data host
+    if writer:
+        missing = writer.lost()
+        numbers |= {"permalinks_acknowledged": len(writer.acknowledged), "permalinks_refused": dict(writer.refused)}
+        numbers["permalinks_lost"] = len(missing)
+        lost += len(missing)
+    held = f", held {STOP_SECONDS} s unless restarted" if fault.signal == "STOP" else ""
+    did = f"{fault.name} under load{held}"
+    return Outcome(fault.name, did, MAY_LOSE[fault.side], lost, lost == 0, numbers)
 
 
 def _wait_quietly(condition: Callable[[], bool], limit: float) -> bool:
@@ -380,29 +401,20 @@ def haproxy_reloads(reloads: int = 100) -> Outcome:
     )  # fmt: skip
 
 
-# A flood from one VM, twice its per-client limit at once, then two requests from another VM.
-FLOOD = r"""
-import json, ssl, sys, urllib.error, urllib.parse, urllib.request
-from concurrent.futures import ThreadPoolExecutor
-url, count = sys.argv[1], int(sys.argv[2])
-context = ssl._create_unverified_context()
-def one(_):
-    try:
-        return urllib.request.urlopen(url, b"code=1", timeout=120, context=context).status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except Exception as error:
-        return type(error).__name__
-with ThreadPoolExecutor(min(count, 64)) as pool:
-    print(json.dumps(list(pool.map(one, range(count)))))
-"""
+# Run on a VM with python3 -c: the concurrent client the service-stack tests use too.
+CLIENT = (PROJECT_ROOT / "tests" / "remote" / "concurrent_requests.py").read_text()
+
+
+def statuses_from(address: str, count: int) -> list[int | str]:
+    """`count` computations sent at once from the VM at `address`: each answer's status or error name."""
+    command = f"python3 -c {shlex.quote(CLIENT)} {URL} POST {shlex.quote(json.dumps({'code': '1'}))} {count}"
+    return [status for status, _headers, _body in json.loads(ssh(address, command))]
 
 
 def flood(per_ip_limit: int) -> Outcome:
     time.sleep(11)  # the limits count the last 10 s
-    script = shlex.quote(FLOOD)
-    flooded = json.loads(ssh(CELLS["cell1"], f"python3 -c {script} https://{LOAD_BALANCER}/service {per_ip_limit * 2}"))
-    other = json.loads(ssh(DATA_HOST, f"python3 -c {script} https://{LOAD_BALANCER}/service 2"))
+    flooded = statuses_from(CELLS["cell1"], per_ip_limit * 2)  # twice its limit at once, then another VM's two
+    other = statuses_from(DATA_HOST, 2)
     counts = Counter(str(status) for status in flooded)
     numbers = {"flood": dict(counts), "per_ip_limit": per_ip_limit, "other_client": other}
     passed = counts["429"] >= per_ip_limit and counts["200"] <= per_ip_limit and other == [200, 200]

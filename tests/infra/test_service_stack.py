@@ -11,30 +11,14 @@ import json
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from conftest import Node
 
-CLIENT = r"""
-import json, ssl, sys, urllib.error, urllib.parse, urllib.request
-from concurrent.futures import ThreadPoolExecutor
-url, method, fields, count = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-context = ssl._create_unverified_context()
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=context))
-def one(_):
-    data = urllib.parse.urlencode(fields).encode() if method == "POST" else None
-    try:
-        with opener.open(urllib.request.Request(url, data=data, method=method), timeout=120) as answer:
-            return answer.status, {k.lower(): v for k, v in answer.headers.items()}, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read().decode()
-with ThreadPoolExecutor(count) as pool:
-    print(json.dumps(list(pool.map(one, range(count)))))
-"""
+# Sent to a VM and run there with python3 -c: the same client the chaos flood uses.
+CLIENT = (Path(__file__).resolve().parent.parent / "remote" / "concurrent_requests.py").read_text()
 
 
 @pytest.fixture(scope="module")
