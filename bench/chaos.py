@@ -146,6 +146,10 @@ class PermalinkWriter:
                 time.sleep(0.2)
             time.sleep(0.1)
 
+    def server_errors(self) -> int:
+        """Writes answered 500: a database outage must be a 503 to retry, never a server error."""
+        return self.refused["500"]
+
     def lost(self) -> list[str]:
         """Acknowledged permalinks that do not read back with their code, read through the load balancer."""
         missing: list[str] = []
@@ -204,7 +208,7 @@ def process_faults() -> list[ProcessFault]:
 MAY_LOSE = {
     "cell": "computations in flight on cell1 at the fault or sent to it before HAProxy's checks took it out",
     "balancer": "every request while the only load balancer is down or stopped (the lab has one)",
-    "data": "no acknowledged permalink; writes during the outage may be refused; no computation",
+    "data": "no acknowledged permalink; writes during the outage may be refused (503, not 500); no computation",
 }
 
 
@@ -282,9 +286,10 @@ def process_fault_outcome(
         numbers |= {"permalinks_acknowledged": len(writer.acknowledged), "permalinks_refused": dict(writer.refused)}
         numbers["permalinks_lost"] = len(missing)
         lost += len(missing)
+    server_errors = writer.server_errors() if writer else 0
     held = f", held {STOP_SECONDS} s unless restarted" if fault.signal == "STOP" else ""
     did = f"{fault.name} under load{held}"
-    return Outcome(fault.name, did, MAY_LOSE[fault.side], lost, lost == 0, numbers)
+    return Outcome(fault.name, did, MAY_LOSE[fault.side], lost, lost == 0 and server_errors == 0, numbers)
 
 
 def _wait_quietly(condition: Callable[[], bool], limit: float) -> bool:
@@ -378,7 +383,8 @@ def postgresql_restart() -> Outcome:
     numbers = {"acknowledged": len(writer.acknowledged), "refused": dict(writer.refused), "lost": len(missing)}
     return Outcome(
         "PostgreSQL restart during permalink writes", f"systemctl restart {database} while writing permalinks",
-        "no acknowledged write", len(missing), not missing and len(writer.acknowledged) > 20, numbers,
+        "no acknowledged write; refusals are 503, not 500", len(missing),
+        not missing and not writer.server_errors() and len(writer.acknowledged) > 20, numbers,
     )  # fmt: skip
 
 

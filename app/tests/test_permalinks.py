@@ -106,6 +106,27 @@ def test_acknowledged_permalinks_survive_kill_9_of_postgresql(postgres: Postgres
         service.stop()
 
 
+def test_a_database_that_is_down_gets_503_to_retry_not_a_server_error(postgres: Postgres, tmp_path: Path) -> None:
+    service = Service(port=free_port(), database=tmp_path / "unused", arguments=("permalink", "--postgres",
+                      postgres.conninfo))  # fmt: skip
+    service.start()
+    try:
+        [ident] = make_permalinks(service, 1)
+        postgres.stop()
+        try:
+            for method, path, fields in [("POST", "/permalink", {"code": "1"}), ("GET", f"/permalink?q={ident}", None)]:
+                status, headers, body = service.request(method, path, fields)
+                assert status == 503, (method, body)
+                assert headers["Retry-After"] == "5"
+                assert json.loads(body)["status"] == 503
+                assert "unavailable" in json.loads(body)["error"]
+        finally:
+            postgres.start()
+        assert_every_permalink_reads_back(service, make_permalinks(service, 1) | {ident: "print(0)"})
+    finally:
+        service.stop()
+
+
 def test_health_reads_the_store(service: Service) -> None:
     status, headers, body = service.request("GET", "/health")
     assert status == 200 and json.loads(body) == {"healthy": True}

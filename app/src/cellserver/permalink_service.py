@@ -9,24 +9,43 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import tornado.web
 
 from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
-from cellserver.permalinks import ID_ALPHABET, ID_LENGTH, Permalink, PermalinkStore, zip_text
+from cellserver.permalinks import (
+    ID_ALPHABET,
+    ID_LENGTH,
+    Permalink,
+    PermalinkStore,
+    StoreUnavailableError,
+    zip_text,
+)
 
 MAX_INTERACTS_CHARS = 65_000
 # A JSONP callback is a dotted JavaScript name; anything else could inject script into the response.
 CALLBACK = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$")
 PERMALINK_ID = re.compile(rf"^[{ID_ALPHABET}]{{{ID_LENGTH}}}$")
+# A restarted database is back within seconds; clients (and the page) retry after this.
+RETRY_AFTER_SECONDS = 5
+UNAVAILABLE = object()  # what _in_store returns once it has answered 503
 
 
 class PermalinkHandler(PublicAPIHandler):
     def initialize(self, store: PermalinkStore, executor: ThreadPoolExecutor) -> None:
         self.store = store
         self.executor = executor
+
+    async def _in_store(self, call: Callable[[Any], Any], argument: Any) -> Any:
+        """The store call, off the event loop; a database that cannot be reached is a 503 to retry, not a 500."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, call, argument)
+        except StoreUnavailableError as error:
+            self.fail(503, f"{error}; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return UNAVAILABLE
 
     async def post(self) -> None:
         code = self.code_argument()
@@ -37,7 +56,9 @@ class PermalinkHandler(PublicAPIHandler):
         if len(interacts) > MAX_INTERACTS_CHARS or len(language) > 64:
             return self.fail(413, "interacts or language too long")
         permalink = Permalink(code=code, language=language, interacts=interacts)
-        ident = await asyncio.get_running_loop().run_in_executor(self.executor, self.store.put, permalink)
+        ident = await self._in_store(self.store.put, permalink)
+        if ident is UNAVAILABLE:
+            return None
         answer = {"query": ident, "zip": zip_text(code), "interacts": zip_text(interacts)}
         if "frame" in self.request.arguments:
             # Embeds in an iframe get the answer as a message to the parent page, as upstream does.
@@ -55,7 +76,9 @@ class PermalinkHandler(PublicAPIHandler):
             return self.fail(400, "q must be a permalink id")
         if callback is not None and not CALLBACK.match(callback):
             return self.fail(400, "callback must be a JavaScript name")
-        permalink = await asyncio.get_running_loop().run_in_executor(self.executor, self.store.get, ident)
+        permalink = await self._in_store(self.store.get, ident)
+        if permalink is UNAVAILABLE:
+            return None
         if permalink is None:
             return self.fail(404, f"no permalink {ident}")
         body = json.dumps([permalink.code, permalink.language, permalink.interacts])

@@ -41,6 +41,10 @@ def new_id() -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
 
 
+class StoreUnavailableError(Exception):
+    """The database cannot be reached now (down, restarting): the caller answers 503, not a server error."""
+
+
 class PermalinkStore(Protocol):
     def put(self, permalink: Permalink) -> str: ...
     def get(self, ident: str) -> Permalink | None: ...
@@ -142,7 +146,11 @@ class PostgresStore:
             return action(self._connection())
         except self._psycopg.OperationalError:
             self._local.connection = None  # the server restarted or the link broke: one fresh try
+        try:
             return action(self._connection())
+        except self._psycopg.OperationalError as error:
+            self._local.connection = None
+            raise StoreUnavailableError(f"the permalink database is unavailable: {type(error).__name__}") from error
 
     def put(self, permalink: Permalink) -> str:
         for ident in candidate_ids():
