@@ -131,7 +131,7 @@ verify: venv ## testinfra suite against the running lab (after `make up`)
 test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests, molecule on real VMs
 
 .PHONY: bench
-bench: image lab-host ## Every benchmark against the lab, then bench/results/report.md + PNGs; after `make up` (~60 min); BENCH_ARGS=--skip NAME
+bench: image lab-host ## Every benchmark against the lab, then bench/results/report.md + PNGs; after `make up` (~95 min); BENCH_ARGS=--skip NAME
 	@$(BIN)/python bench/report.py $(BENCH_ARGS)
 
 .PHONY: bench-foundation
