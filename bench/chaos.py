@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import ssl
 import subprocess
 import sys
@@ -37,9 +36,11 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+sys.path.insert(0, str(PROJECT_ROOT / "tests" / "remote"))
 
 from lab import CELLS, INVENTORY, LOAD_BALANCER, StatusWatch, server_state, ssh, virsh  # noqa: E402
 from load import Sample, SteadyLoad, enter_lab_namespace, in_lab_namespace_possible  # noqa: E402
+from sending import concurrent_requests_command  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
 URL = f"https://{LOAD_BALANCER}/service"
@@ -407,13 +408,9 @@ def haproxy_reloads(reloads: int = 100) -> Outcome:
     )  # fmt: skip
 
 
-# Run on a VM with python3 -c: the concurrent client the service-stack tests use too.
-CLIENT = (PROJECT_ROOT / "tests" / "remote" / "concurrent_requests.py").read_text()
-
-
 def statuses_from(address: str, count: int) -> list[int | str]:
     """`count` computations sent at once from the VM at `address`: each answer's status or error name."""
-    command = f"python3 -c {shlex.quote(CLIENT)} {URL} POST {shlex.quote(json.dumps({'code': '1'}))} {count}"
+    command = concurrent_requests_command(URL, "POST", {"code": "1"}, count)
     return [status for status, _headers, _body in json.loads(ssh(address, command))]
 
 

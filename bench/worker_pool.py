@@ -6,6 +6,9 @@ Measures, on the cell itself (one SSH session, timings taken inside the VM so SS
 - launch + Python: the same with `python3 -c pass` (what a kernel start adds on top);
 - reset of a clean worker, and of one that left files in its home, /tmp and /dev/shm;
 - the bare cost of `systemd-run --wait true` as root, to show how much of the launch is systemd.
+The live kernel provider owns every worker of the pool (it keeps preforked kernels in some and resets a worker
+after each computation, killing all its processes), so the cell server, its provider and its health timer are
+stopped while this measures and started again after.
 Prints a table and writes bench/results/worker_pool.json. Run with `make bench-workers` after `make up`.
 """
 
@@ -14,16 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
 
-from lab import ssh  # noqa: E402
+from lab import ssh, ssh_command  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "worker_pool.json"
 
+# Stopped in this order, started again in the reverse one (the server needs its provider).
+LIVE_POOL_UNITS = ("cellfleet-cell-health.timer", "cellserver.service", "cellfleet-kernel-provider.service")
 RUN = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-run"
 RESET = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-reset"
 CASES = {
@@ -50,26 +58,52 @@ def remote_timing_script(command: str, repeats: int) -> str:
     )
 
 
+@contextmanager
+def pool_to_ourselves(address: str) -> Iterator[None]:
+    """The live pool's units stopped for the measurement, the ones that were running started again after."""
+    running = [
+        unit for unit in LIVE_POOL_UNITS if ssh(address, f"systemctl is-active {unit}", check=False).strip() == "active"
+    ]
+    if running:
+        print(f"stopping while measuring: {' '.join(running)}")
+        ssh(address, f"systemctl stop {' '.join(running)}")
+    try:
+        yield
+    finally:
+        if running:
+            ssh(address, f"systemctl start {' '.join(reversed(running))}")
+            print(f"started again: {' '.join(reversed(running))}")
+
+
+def durations_of(address: str, command: str, repeats: int) -> list[float]:
+    """Sorted durations of repeats runs of command on the VM; a failing run ends the benchmark with its stderr."""
+    script = remote_timing_script(command, repeats)
+    run = subprocess.run(ssh_command(address, script), capture_output=True, text=True, timeout=1800, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"failed (exit {run.returncode}) on {address}: {command}\n{run.stderr.strip()}")
+    return sorted(float(line) for line in run.stdout.split())
+
+
+def summary(durations: list[float]) -> dict[str, float | list[float]]:
+    return {
+        "median_s": statistics.median(durations),
+        "p90_s": durations[max(0, round(0.9 * len(durations)) - 1)],
+        "min_s": durations[0],
+        "runs": durations,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="10.77.0.12", help="a converged cell (default: the lab's cell1)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    results = {}
+    with pool_to_ourselves(args.address):
+        results = {name: summary(durations_of(args.address, command, args.repeats)) for name, command in CASES.items()}
     print(f"worker pool on {args.address}, {args.repeats} runs each (QEMU TCG, 1 vCPU)")
     print(f"{'case':58} {'median s':>9} {'p90 s':>7} {'min s':>7}")
-    for name, command in CASES.items():
-        durations = sorted(
-            float(line) for line in ssh(args.address, remote_timing_script(command, args.repeats)).split()
-        )
-        p90 = durations[max(0, round(0.9 * len(durations)) - 1)]
-        results[name] = {
-            "median_s": statistics.median(durations),
-            "p90_s": p90,
-            "min_s": durations[0],
-            "runs": durations,
-        }
-        print(f"{name:58} {statistics.median(durations):9.3f} {p90:7.3f} {durations[0]:7.3f}")
+    for name, numbers in results.items():
+        print(f"{name:58} {numbers['median_s']:9.3f} {numbers['p90_s']:7.3f} {numbers['min_s']:7.3f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"address": args.address, "results": results}, indent=2) + "\n")
     print(f"written: {RESULTS.relative_to(PROJECT_ROOT)}")

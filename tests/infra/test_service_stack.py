@@ -11,14 +11,11 @@ import json
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from sending import concurrent_requests_command
 
 from conftest import Node
-
-# Sent to a VM and run there with python3 -c: the same client the chaos flood uses.
-CLIENT = (Path(__file__).resolve().parent.parent / "remote" / "concurrent_requests.py").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +36,7 @@ def cells(lab: dict[str, Node]) -> list[Node]:
 
 
 def send(client: Node, url: str, method: str = "GET", fields: dict | None = None, count: int = 1) -> list:
-    command = (
-        f"python3 -c {shlex.quote(CLIENT)} {shlex.quote(url)} {method} {shlex.quote(json.dumps(fields or {}))} {count}"
-    )
-    return json.loads(client.host.check_output(command))
+    return json.loads(client.host.check_output(concurrent_requests_command(url, method, fields or {}, count)))
 
 
 def wait_for_rate_window() -> None:

@@ -1,0 +1,18 @@
+"""How the scripts in this directory reach a lab VM: their source as `python3 -c`, their arguments quoted.
+
+The VMs have python3 but not this checkout, so a script travels inside the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+
+
+def concurrent_requests_command(url: str, method: str, fields: dict[str, str], count: int) -> str:
+    """Shell command for a VM: `count` requests to url at once; it prints [[status, headers, body], ...] as JSON."""
+    script = (SCRIPTS / "concurrent_requests.py").read_text()
+    return shlex.join(["python3", "-c", script, url, method, json.dumps(fields), str(count)])
