@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -98,3 +99,27 @@ def test_health_probes_do_not_wait_for_a_refresh(tmp_path: Path) -> None:
     settings.write_text("health_max_age = 0\n")
     seconds = seconds_for_ten_health_probes(tmp_path, "--config", str(settings))
     assert seconds < 1.0, "probes waited for the refreshing computation"
+
+
+def provider_of(server: Service) -> int:
+    """Pid of the kernel provider a server without a worker pool spawns (its only child between computations)."""
+    assert server.process is not None
+    [child] = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    return int(child)
+
+
+def test_a_successful_computation_is_the_health_evidence(tmp_path: Path) -> None:
+    # No kernel reserve and a frozen provider: a probe that needed its own computation could not be answered.
+    server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "0")
+    server.start()
+    try:
+        assert server.request("POST", "/service", {"code": "print(1)"})[0] == 200
+        provider = provider_of(server)
+        os.kill(provider, signal.SIGSTOP)
+        try:
+            status, _headers, body = server.request("GET", "/health", timeout=5)
+        finally:
+            os.kill(provider, signal.SIGCONT)
+    finally:
+        server.stop()
+    assert status == 200 and json.loads(body) == {"healthy": True}

@@ -93,11 +93,28 @@ def test_when_every_kernel_is_busy_the_answer_is_503_with_retry_after(compute: S
     started = time.monotonic()
     status, headers, body = compute.request("POST", "/service", {"code": "1"})
     assert status == 503, body
+    assert json.loads(body)["error"] == "every kernel is busy; retry later"
     assert headers["Retry-After"].isdigit()
     assert time.monotonic() - started < 10
     for holder in holders:
         holder.join()
     assert run(compute, "print('free again')")[2]["stdout"] == "free again\n"
+
+
+def test_a_kernel_that_cannot_start_is_not_called_busy(tmp_path: Path) -> None:
+    # 64 MiB of address space is less than a forked kernel already maps: it dies while it starts.
+    settings = tmp_path / "cellserver.toml"
+    settings.write_text("memory_mb = 64\n")
+    server = compute_server(tmp_path, "--config", str(settings), "--max-kernels", "1", "--preforked", "0")
+    server.start()
+    try:
+        status, headers, body = server.request("POST", "/service", {"code": "1"})
+        health_status, _headers, health_body = server.request("GET", "/health")
+    finally:
+        server.stop()
+    assert (status, json.loads(body)["error"]) == (503, "a kernel failed to start; retry later")
+    assert headers["Retry-After"].isdigit()
+    assert health_status == 503 and "a kernel failed to start" in json.loads(health_body)["error"]
 
 
 def descendants(pid: int) -> set[int]:

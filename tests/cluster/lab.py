@@ -97,8 +97,8 @@ def installed_release(address: str) -> str:
 def release_of_app(target: Path, version: str, broken: bool = False) -> Path:
     """A copy of app/ that installs as `version`; a broken one cannot start its server."""
     shutil.copytree(ROOT / "app", target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    project = target / "pyproject.toml"
-    project.write_text(project.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1))
+    package = target / "src" / "cellserver" / "__init__.py"
+    package.write_text(package.read_text().replace('__version__ = "0.1.0"', f'__version__ = "{version}"', 1))
     if broken:
         with (target / "src" / "cellserver" / "service.py").open("a") as module:
             module.write('\nraise RuntimeError("a release that cannot serve, made by the rolling-update test")\n')

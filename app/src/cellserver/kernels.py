@@ -138,6 +138,12 @@ class KernelsBusyError(Exception):
     """Every kernel slot is taken: the caller answers 503 instead of waiting without end."""
 
 
+class KernelStartError(KernelsBusyError):
+    """A slot was free but its kernel did not start (it exited, or a starved machine kept it silent past the
+    start timeout). Not saturation: told apart so an operator does not add kernels to a machine that cannot
+    start one."""
+
+
 @dataclass(frozen=True)
 class PoolSettings:
     max_kernels: int = 8
@@ -226,10 +232,10 @@ class KernelPool:
                 except ProviderError as error:
                     if not error.busy:
                         log.error("starting a kernel on demand failed: %s", error)
-                        raise KernelsBusyError() from error
+                        raise KernelStartError(str(error)) from error
                 except Exception as error:
                     log.error("starting a kernel on demand failed: %s", error)
-                    raise KernelsBusyError() from error
+                    raise KernelStartError(str(error)) from error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise KernelsBusyError()

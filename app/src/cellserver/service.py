@@ -12,7 +12,7 @@ import tornado.web
 
 from cellserver import computation_log
 from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
-from cellserver.kernels import Kernel, KernelPool, KernelsBusyError
+from cellserver.kernels import Kernel, KernelPool, KernelsBusyError, KernelStartError
 from cellserver.permalinks import PermalinkStore
 
 RETRY_AFTER_SECONDS = 5
@@ -56,9 +56,10 @@ async def execute(kernel: Kernel, code: str, user_expressions: dict[str, str], t
 
 
 class ServiceHandler(PublicAPIHandler):
-    def initialize(self, pool: KernelPool, timeout: float) -> None:
+    def initialize(self, pool: KernelPool, timeout: float, health: HealthProbe) -> None:
         self.pool = pool
         self.timeout = timeout
+        self.health = health
 
     def parse_request(self) -> tuple[str, dict[str, str]] | None:
         code = self.code_argument()
@@ -81,6 +82,9 @@ class ServiceHandler(PublicAPIHandler):
         code, expressions = parsed
         try:
             kernel = await self.pool.acquire()
+        except KernelStartError:
+            self.fail(503, "a kernel failed to start; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return
         except KernelsBusyError:
             self.fail(503, "every kernel is busy; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
@@ -90,6 +94,7 @@ class ServiceHandler(PublicAPIHandler):
         finally:
             self.pool.release(kernel)
             computation_log.record("service", self.request, kernel.kernel_id, time.monotonic() - started, code)
+        self.health.witness(answer)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(answer, default=str))
 
@@ -102,6 +107,10 @@ class HealthProbe:
     more) instead of waiting for it: a probe that waits on a computation holds its connection open, and a
     load balancer only notices that a VM is gone once such an in-flight probe times out (seconds, not one
     check interval). Past that, probes wait for the computation, which ends within HEALTH_TIMEOUT_SECONDS.
+
+    A user's computation that succeeded proves the same as the probe's own, so it counts as the recent
+    result: a busy cell spends no kernels on probes (on the lab's emulated cells they were a kernel start
+    every 5 s each, while they served). Failed ones do not count: user code fails for reasons of its own.
     """
 
     def __init__(self, pool: KernelPool, max_age: float) -> None:
@@ -123,6 +132,11 @@ class HealthProbe:
             return last[1]
         return await asyncio.shield(self._running)
 
+    def witness(self, answer: dict[str, Any]) -> None:
+        """A user's computation just ended with this answer."""
+        if answer["success"]:
+            self._last = (time.monotonic(), None)
+
     def _forget(self, finished: asyncio.Future[str | None]) -> None:
         if self._running is finished:
             self._running = None
@@ -139,6 +153,8 @@ class HealthProbe:
     async def _compute_once(self) -> str | None:
         try:
             kernel = await self.pool.acquire()
+        except KernelStartError as error:
+            return f"a kernel failed to start: {error}"
         except KernelsBusyError:
             return "no kernel available"
         try:
@@ -149,7 +165,7 @@ class HealthProbe:
 
 
 class HealthHandler(JSONErrorHandler):
-    """For the load balancer: healthy means a computation printed the right answer within the last seconds."""
+    """For the load balancer: healthy means a computation succeeded within the last seconds."""
 
     def initialize(self, probe: HealthProbe) -> None:
         self.probe = probe
@@ -183,11 +199,12 @@ def make_app(
         assert permalink_store is not None
         permalinks = permalink_routes(permalink_store, paths=("/permalink",))
         source = page.PermalinkSource(store=permalink_store)
+    health = HealthProbe(pool, health_max_age)
     return tornado.web.Application(
         [
             (r"/", page.CellPageHandler, {"permalinks": source}),
-            (r"/service", ServiceHandler, {"pool": pool, "timeout": timeout}),
-            (r"/health", HealthHandler, {"probe": HealthProbe(pool, health_max_age)}),
+            (r"/service", ServiceHandler, {"pool": pool, "timeout": timeout, "health": health}),
+            (r"/health", HealthHandler, {"probe": health}),
             *permalinks,
         ],
         static_path=str(page.STATIC_DIR),
