@@ -171,7 +171,7 @@ bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+pyth
 	@$(BIN)/python bench/worker_pool.py $(BENCH_ARGS)
 
 .PHONY: chaos
-chaos: venv ## Fault scenarios on the lab (kill -9/SIGSTOP, VM loss, log host down, reloads, flood); after `make up` (~30 min)
+chaos: venv ## Fault scenarios on the lab (kill -9/SIGSTOP, VM loss, log host down, reloads, flood); after `make up` (~35 min)
 	@$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 .PHONY: clean
