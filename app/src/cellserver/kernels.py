@@ -141,7 +141,7 @@ class KernelsBusyError(Exception):
 class KernelStartError(KernelsBusyError):
     """A slot was free but its kernel did not start (it exited, or a starved machine kept it silent past the
     start timeout). Not saturation: told apart so an operator does not add kernels to a machine that cannot
-    start one."""
+    start one. A KernelsBusyError still, so a caller that only refuses (a 503 either way) needs no change."""
 
 
 @dataclass(frozen=True)
