@@ -221,12 +221,17 @@ class FaultTimes:
     recovered: float  # when, besides, every cell was UP in the load balancer
 
 
+def scenario_load() -> SteadyLoad:
+    """The load every scenario runs under: 2 clients computing through HAProxy, a request every 0.5 s each."""
+    return SteadyLoad(URL, clients=2, pause_seconds=0.5)
+
+
 def run_process_fault(fault: ProcessFault) -> Outcome:
     old_pid = main_pid(fault.address, fault.unit)
     watch = StatusWatch("cell1") if fault.side == "cell" else None
     writer = PermalinkWriter() if fault.side == "data" else None
     try:
-        with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load, writer or nullcontext():
+        with scenario_load() as load, writer or nullcontext():
             time.sleep(8)
             if watch:
                 watch.wait_streaming()
@@ -305,7 +310,7 @@ def vm_loss() -> Outcome:
     victim = "cell2"
     watch = StatusWatch(victim)
     try:
-        with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load:
+        with scenario_load() as load:
             time.sleep(8)
             watch.wait_streaming()
             issued = time.monotonic()
@@ -410,14 +415,16 @@ def cells_own_refusals(samples: list[Sample], since_epoch: float) -> dict[str, A
     return {"said": dict(said), "kernel_starts_failed": failed_starts}
 
 
-def under_steady_load(action: Callable[[], None]) -> tuple[list[Sample], dict[str, Any]]:
-    """The load of every scenario (2 clients, a request every 0.5 s each) around action: samples, cells' 503s."""
+def under_steady_load(action: Callable[[], object]) -> tuple[float, list[Sample], dict[str, Any]]:
+    """The scenarios' load around action: the seconds action took, the samples, the cells' own 503s."""
     since_epoch = time.time()
-    with SteadyLoad(URL, clients=2, pause_seconds=0.5) as load:
+    with scenario_load() as load:
         time.sleep(3)
+        started = time.monotonic()
         action()
+        took = time.monotonic() - started
         time.sleep(3)
-    return load.samples, cells_own_refusals(load.samples, since_epoch)
+    return took, load.samples, cells_own_refusals(load.samples, since_epoch)
 
 
 def not_from_the_cells(samples: list[Sample]) -> int:
@@ -429,17 +436,11 @@ def haproxy_reloads(reloads: int = 100) -> Outcome:
     # At 3 clients every 0.2 s the emulated cells ran out of kernels (3 and 7 of the cells' own 503s in two
     # runs): that measured the cells. What a reload can lose is a connection, so that is what is counted; the
     # cells' own 503s are reported beside, and `steady load, no fault` shows their rate without reloads.
-    took: list[float] = []
-
-    def reload_many_times() -> None:
-        started = time.monotonic()
-        ssh(LOAD_BALANCER, f"for i in $(seq {reloads}); do systemctl reload haproxy.service || exit 1; done")
-        took.append(time.monotonic() - started)
-
-    samples, cells = under_steady_load(reload_many_times)
+    reload_command = f"for i in $(seq {reloads}); do systemctl reload haproxy.service || exit 1; done"
+    took, samples, cells = under_steady_load(lambda: ssh(LOAD_BALANCER, reload_command))
     lost = not_from_the_cells(samples)
     outcomes = Counter(s.outcome for s in samples)
-    numbers = {"reloads": reloads, "reloads_s": round(took[0], 1), "outcomes": dict(outcomes), "cells_own_503": cells}
+    numbers = {"reloads": reloads, "reloads_s": round(took, 1), "outcomes": dict(outcomes), "cells_own_503": cells}
     return Outcome(
         "HAProxy reloads under load", f"{reloads} x systemctl reload haproxy while computations run",
         "no connection: none refused, reset or timed out, no error from HAProxy (the cells' own 503s are counted "
@@ -449,7 +450,7 @@ def haproxy_reloads(reloads: int = 100) -> Outcome:
 
 def steady_load_control(seconds: float = 300) -> Outcome:
     """No fault: the scenarios' load alone, so the cells' own 503s during a fault can be told from their usual rate."""
-    samples, cells = under_steady_load(lambda: time.sleep(seconds))
+    _took, samples, cells = under_steady_load(lambda: time.sleep(seconds))
     lost = not_from_the_cells(samples)
     numbers = {"seconds": seconds, "outcomes": dict(Counter(s.outcome for s in samples)), "cells_own_503": cells}
     return Outcome(

@@ -61,9 +61,9 @@ def remote_timing_script(command: str, repeats: int) -> str:
 @contextmanager
 def pool_to_ourselves(address: str) -> Iterator[None]:
     """The live pool's units stopped for the measurement, the ones that were running started again after."""
-    running = [
-        unit for unit in LIVE_POOL_UNITS if ssh(address, f"systemctl is-active {unit}", check=False).strip() == "active"
-    ]
+    # One line per unit, in the order asked.
+    states = ssh(address, f"systemctl is-active {' '.join(LIVE_POOL_UNITS)}", check=False).split()
+    running = [unit for unit, state in zip(LIVE_POOL_UNITS, states, strict=True) if state == "active"]
     if running:
         print(f"stopping while measuring: {' '.join(running)}")
         ssh(address, f"systemctl stop {' '.join(running)}")
