@@ -190,7 +190,11 @@ def bench_converge(report: Report, inventory: Path) -> None:
 
 
 def other_running_domains(conn: libvirt.virConnect) -> list[str]:
-    return [d.name() for d in conn.listAllDomains() if d.isActive() and d.name() not in BENCH_VMS]
+    """Other VMs that take CPU: a paused (suspended) domain is active too, but runs nothing."""
+    return [
+        d.name() for d in conn.listAllDomains()
+        if d.state()[0] == libvirt.VIR_DOMAIN_RUNNING and d.name() not in BENCH_VMS
+    ]  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
