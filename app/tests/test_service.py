@@ -212,6 +212,32 @@ def test_the_server_exits_when_its_kernel_provider_dies(compute: Service) -> Non
     assert compute.process.wait(timeout=10) != 0
 
 
+def test_a_computation_cut_short_by_the_providers_death_is_refused_not_failed(tmp_path: Path) -> None:
+    # Its kernel went with the provider: not the user's code failing, and not an error of the server either
+    # (the lab's chaos run saw a 500 here: the server exited with the request still open).
+    server = compute_server(tmp_path, "--max-kernels", "2", "--preforked", "1", "--timeout", "60")
+    server.start()
+    assert server.process is not None
+    started = tmp_path / "computation-started"
+    answers: list[tuple[int, dict[str, str], dict]] = []
+    code = f"open({str(started)!r}, 'w').close(); import time; time.sleep(60)"
+    computing = threading.Thread(target=lambda: answers.append(run(server, code)))
+    computing.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists(), "the computation did not start"
+        os.kill(min(descendants(server.process.pid)), signal.SIGKILL)
+        computing.join(timeout=20)
+    finally:
+        server.stop()
+    [(status, headers, answer)] = answers
+    assert status == 503, answer
+    assert answer["error"] == "the kernel provider went away; retry later"
+    assert headers["Retry-After"] == "5"
+
+
 def test_a_slot_freed_by_a_release_serves_the_next_request(tmp_path: Path) -> None:
     # No reserve: nothing enters the ready queue, the next request must notice the freed slot itself.
     server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "0")

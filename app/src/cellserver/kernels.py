@@ -24,6 +24,7 @@ log = logging.getLogger("cellserver.kernels")
 RUNTIME_PREFIX = "cellserver-kernels-"
 CONNECT_PATIENCE_SECONDS = 30.0
 SLOT_POLL_SECONDS = 0.05
+STOP_PATIENCE_SECONDS = 10.0  # how long a stopping server waits for running computations and releases
 
 
 def remove_stale_runtime_dirs() -> None:
@@ -128,6 +129,9 @@ class ProviderLink:
             # Without a provider no kernel starts and none is released: fail loudly, every waiter at once.
             log.error("the kernel provider closed its connection")
             self.lost.set()
+            # Its kernels cannot be reached, released or reported dead any more: computations in them end now.
+            for died in self.deaths.values():
+                died.set()
             for future in self._answers.values():
                 if not future.done():
                     future.set_result({"error": "the kernel provider is gone"})
@@ -208,8 +212,11 @@ class KernelPool:
             self._refill_task.cancel()
         while not self._ready.empty():
             self.release(self._ready.get_nowait())
-        if self._releases:
-            await asyncio.wait(self._releases, timeout=10)
+        # Computations still running get their answer out first: once the server exits, their requests are
+        # cancelled, and a cancelled request answers 500.
+        deadline = time.monotonic() + STOP_PATIENCE_SECONDS
+        while (self._live or self._releases) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         await self.provider.close()
 
     async def acquire(self) -> Kernel:

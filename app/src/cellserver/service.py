@@ -94,6 +94,10 @@ class ServiceHandler(PublicAPIHandler):
         finally:
             self.pool.release(kernel)
             computation_log.record("service", self.request, kernel.kernel_id, time.monotonic() - started, code)
+        if not answer["success"] and self.pool.provider.lost.is_set():
+            # The kernel went with its provider, not because of the code; this server exits next.
+            self.fail(503, "the kernel provider went away; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return
         self.health.witness(answer)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(answer, default=str))
