@@ -131,7 +131,7 @@ verify: venv ## testinfra suite against the running lab (after `make up`)
 test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests, molecule on real VMs
 
 .PHONY: bench
-bench: image lab-host ## Every benchmark against the lab, then bench/results/report.md + PNGs; after `make up` (~95 min); BENCH_ARGS=--skip NAME
+bench: image lab-host ## Every benchmark against the lab, then bench/results/report.md + PNGs; after `make up` (65-95 min); BENCH_ARGS=--skip NAME
 	@$(BIN)/python bench/report.py $(BENCH_ARGS)
 
 .PHONY: bench-foundation
@@ -171,7 +171,7 @@ bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+pyth
 	@$(BIN)/python bench/worker_pool.py $(BENCH_ARGS)
 
 .PHONY: chaos
-chaos: venv ## Fault scenarios on the lab (kill -9/SIGSTOP, VM loss, log host down, reloads, flood); after `make up` (~35 min)
+chaos: venv ## Fault scenarios on the lab (kill -9/SIGSTOP, VM loss, log host down, reloads, flood); after `make up` (30-35 min)
 	@$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 .PHONY: clean
