@@ -238,6 +238,29 @@ def test_a_computation_cut_short_by_the_providers_death_is_refused_not_failed(tm
     assert headers["Retry-After"] == "5"
 
 
+def test_a_stopping_server_answers_the_computations_it_runs(tmp_path: Path) -> None:
+    server = compute_server(tmp_path, "--timeout", "60")
+    server.start()
+    assert server.process is not None
+    started = tmp_path / "computation-started"
+    answers: list[tuple[int, dict[str, str], dict]] = []
+    code = f"open({str(started)!r}, 'w').close(); import time; time.sleep(2); print('finished')"
+    computing = threading.Thread(target=lambda: answers.append(run(server, code)))
+    computing.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists(), "the computation did not start"
+        server.process.send_signal(signal.SIGTERM)
+        computing.join(timeout=20)
+        assert server.process.wait(timeout=20) == 0
+    finally:
+        server.stop()
+    [(status, _headers, answer)] = answers
+    assert status == 200 and answer["stdout"] == "finished\n", answer
+
+
 def test_a_slot_freed_by_a_release_serves_the_next_request(tmp_path: Path) -> None:
     # No reserve: nothing enters the ready queue, the next request must notice the freed slot itself.
     server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "0")

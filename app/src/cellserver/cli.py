@@ -100,7 +100,7 @@ async def run_serve(config: ServerConfig) -> None:
 
         store = SQLiteStore(Path(config.permalink_db or ":memory:"))
     app = make_app(pool, config.timeout, config.permalink_url, store, config.health_max_age)
-    app.listen(config.port, address=config.bind)
+    http_server = app.listen(config.port, address=config.bind)
     systemd.notify("READY=1")
     interval = systemd.watchdog_interval()
     watchdog = asyncio.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
@@ -118,6 +118,8 @@ async def run_serve(config: ServerConfig) -> None:
     finally:
         if watchdog:
             watchdog.cancel()
+        # No new computations while the running ones finish (a load balancer sends the next ones elsewhere).
+        http_server.stop()
         await pool.stop()
     if not stopping.is_set():
         # No kernel can start without a provider: exit, so systemd restarts the server and it reconnects.
