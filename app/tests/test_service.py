@@ -212,22 +212,28 @@ def test_the_server_exits_when_its_kernel_provider_dies(compute: Service) -> Non
     assert compute.process.wait(timeout=10) != 0
 
 
+def computation_under_way(server: Service, tmp_path: Path, then: str, answers: list) -> threading.Thread:
+    """A computation sent from a thread, returned once its kernel runs it; its answer lands in answers."""
+    started = tmp_path / "computation-started"
+    code = f"open({str(started)!r}, 'w').close(); import time; {then}"
+    computing = threading.Thread(target=lambda: answers.append(run(server, code)))
+    computing.start()
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started.exists(), "the computation did not start"
+    return computing
+
+
 def test_a_computation_cut_short_by_the_providers_death_is_refused_not_failed(tmp_path: Path) -> None:
     # Its kernel went with the provider: not the user's code failing, and not an error of the server either
     # (the lab's chaos run saw a 500 here: the server exited with the request still open).
     server = compute_server(tmp_path, "--max-kernels", "2", "--preforked", "1", "--timeout", "60")
     server.start()
     assert server.process is not None
-    started = tmp_path / "computation-started"
     answers: list[tuple[int, dict[str, str], dict]] = []
-    code = f"open({str(started)!r}, 'w').close(); import time; time.sleep(60)"
-    computing = threading.Thread(target=lambda: answers.append(run(server, code)))
-    computing.start()
+    computing = computation_under_way(server, tmp_path, "time.sleep(60)", answers)
     try:
-        deadline = time.monotonic() + 30
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert started.exists(), "the computation did not start"
         os.kill(min(descendants(server.process.pid)), signal.SIGKILL)
         computing.join(timeout=20)
     finally:
@@ -242,16 +248,9 @@ def test_a_stopping_server_answers_the_computations_it_runs(tmp_path: Path) -> N
     server = compute_server(tmp_path, "--timeout", "60")
     server.start()
     assert server.process is not None
-    started = tmp_path / "computation-started"
     answers: list[tuple[int, dict[str, str], dict]] = []
-    code = f"open({str(started)!r}, 'w').close(); import time; time.sleep(2); print('finished')"
-    computing = threading.Thread(target=lambda: answers.append(run(server, code)))
-    computing.start()
+    computing = computation_under_way(server, tmp_path, "time.sleep(2); print('finished')", answers)
     try:
-        deadline = time.monotonic() + 30
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert started.exists(), "the computation did not start"
         server.process.send_signal(signal.SIGTERM)
         computing.join(timeout=20)
         assert server.process.wait(timeout=20) == 0
