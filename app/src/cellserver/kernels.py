@@ -213,10 +213,10 @@ class KernelPool:
         while not self._ready.empty():
             self.release(self._ready.get_nowait())
         # Computations still running get their answer out first: once the server exits, their requests are
-        # cancelled, and a cancelled request answers 500.
+        # cancelled, and a cancelled request answers 500. _live counts them and the releases under way.
         deadline = time.monotonic() + STOP_PATIENCE_SECONDS
-        while (self._live or self._releases) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        while self._live and time.monotonic() < deadline:
+            await asyncio.sleep(SLOT_POLL_SECONDS)
         await self.provider.close()
 
     async def acquire(self) -> Kernel:
