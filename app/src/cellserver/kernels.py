@@ -194,6 +194,7 @@ class KernelPool:
         self._releases: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._refilling = 0  # reserve kernels being started right now
+        self._stopping = False
 
     @property
     def pooled(self) -> bool:
@@ -208,8 +209,11 @@ class KernelPool:
         self._wakeup.set()
 
     async def stop(self) -> None:
-        if self._refill_task:
-            self._refill_task.cancel()
+        # The refill is told, not cancelled: a cancel can land after a start finished and lose that kernel (in
+        # neither the reserve nor a release), and before Python 3.12 wait_for may swallow the cancel. Told, it
+        # ends after its current start and hands back what it started.
+        self._stopping = True
+        self._wakeup.set()
         while not self._ready.empty():
             self.release(self._ready.get_nowait())
         # Computations still running get their answer out first: once the server exits, their requests are
@@ -315,13 +319,13 @@ class KernelPool:
 
     async def _refill_forever(self) -> None:
         """Keep the preforked reserve full and replace kernels idle for too long."""
-        while True:
+        while not self._stopping:
             # Woken when a kernel is taken or killed, and at least every minute to expire idle ones.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=min(60.0, self.settings.idle_seconds))
             self._wakeup.clear()
             self._expire_idle()
-            while True:
+            while not self._stopping:
                 wanted = min(self.settings.preforked - self._ready.qsize(), self.max_kernels - self._live)
                 if wanted <= 0:
                     break
@@ -333,7 +337,7 @@ class KernelPool:
                     self._refilling -= wanted
                 for result in started:
                     if isinstance(result, Kernel):
-                        self._ready.put_nowait(result)
+                        self._keep_in_reserve(result)
                 if any(isinstance(result, ProviderError) and result.busy for result in started):
                     break  # every worker is taken or being reset: the next release wakes this loop
                 failures = [result for result in started if isinstance(result, BaseException)]
@@ -341,6 +345,12 @@ class KernelPool:
                     log.error("starting %d preforked kernels failed: %s", len(failures), failures[0])
                     await asyncio.sleep(1)
                     break
+
+    def _keep_in_reserve(self, kernel: Kernel) -> None:
+        if self._stopping:
+            self.release(kernel)  # stop has emptied the reserve already and waits for this one to go
+        else:
+            self._ready.put_nowait(kernel)
 
     def _expire_idle(self) -> None:
         now = time.monotonic()
