@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import mmap
 import os
 import socket
-import sys
 import time
-from importlib.machinery import SourceFileLoader
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "roles/tmp_cleanup/files/usr/local/sbin/cellfleet-tmp-clean"
+from installed_scripts import load_script
+
 DAY = 86400
-
-
-def load_script(path: Path) -> ModuleType:
-    """Import an installed script that has no .py suffix (dataclasses need it in sys.modules)."""
-    loader = SourceFileLoader(path.name.replace("-", "_"), str(path))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def cleaner() -> ModuleType:
-    return load_script(SCRIPT)
+    return load_script("roles/tmp_cleanup/files/usr/local/sbin/cellfleet-tmp-clean")
 
 
 def aged(path: Path, days: float) -> Path:
