@@ -190,6 +190,8 @@ class KernelPool:
         self.max_kernels = settings.max_kernels
         self._ready: asyncio.Queue[Kernel] = asyncio.Queue()
         self._live = 0  # ready + in use + starting + being released (its worker is not free yet)
+        # Held only so they run to the end: the event loop keeps weak references to tasks, and stop tells the
+        # refill to end rather than cancelling it (_live, not these, is what stop waits on).
         self._refill_task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
