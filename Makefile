@@ -62,6 +62,29 @@ $(STAMP_DIR)/app: app/pyproject.toml $(STAMP_DIR)/venv
 .PHONY: venv
 venv: $(STAMP_DIR)/collections $(STAMP_DIR)/app ## Create .venv with pinned tools, the app, and check the collections
 
+# The laptop's Sage: its own venv (2.5 GB), the app installed into it, so `cellserver serve --kernel sage` runs.
+SAGE_VENV   ?= .venv-sage
+export CELLFLEET_SAGE_PYTHON := $(CURDIR)/$(SAGE_VENV)/bin/python
+
+$(SAGE_VENV)/.installed: app/requirements-sage.txt app/pyproject.toml | host-deps
+	@echo "[setup] creating $(SAGE_VENV): passagemath from app/requirements-sage.txt (about a minute, 2.5 GB)"
+	@$(PYTHON) -m venv $(SAGE_VENV)
+	@$(SAGE_VENV)/bin/pip install -q --upgrade pip
+	@$(SAGE_VENV)/bin/pip install -q -r app/requirements-sage.txt
+	@$(SAGE_VENV)/bin/pip install -q --no-deps -e app
+	@touch $@
+
+.PHONY: sage
+sage: $(SAGE_VENV)/.installed ## Create .venv-sage: passagemath and the app, for a local Sage cell server
+
+.PHONY: serve
+serve: venv ## Run a local cell server with the Python kernel on http://127.0.0.1:8888 (Ctrl-C stops it)
+	@$(BIN)/cellserver serve
+
+.PHONY: serve-sage
+serve-sage: sage ## Run a local cell server with the Sage kernel on http://127.0.0.1:8888 (Ctrl-C stops it)
+	@$(SAGE_VENV)/bin/cellserver serve --kernel sage
+
 .PHONY: image
 image: venv ## Build the golden image unless the cached one matches its recipe
 	@$(BIN)/python images/build_image.py
@@ -111,7 +134,7 @@ syntax: venv ## ansible-playbook --syntax-check of every playbook
 	done
 
 .PHONY: unit
-unit: venv ## pytest unit tests (modules, image builder, templates, role inputs) and the app's tests
+unit: venv sage ## pytest unit tests (modules, image builder, templates, role inputs) and the app's tests (Python and Sage)
 	@pytest -q tests/unit
 	@pytest -q -p no:cacheprovider app/tests
 

@@ -75,9 +75,10 @@ class Browser:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def open(self, url: str) -> None:
+    def open(self, url: str, ready: str = "document.getElementById('code') !== null") -> None:
+        """Go to url and wait until the page has loaded and the ready expression holds (the cell page's editor)."""
         self.command("Page.navigate", url=url)
-        self.wait_for("document.readyState === 'complete' && document.getElementById('code') !== null")
+        self.wait_for(f"document.readyState === 'complete' && location.href !== 'about:blank' && ({ready})")
 
     def wait_for(self, expression: str, timeout: float = 30) -> Any:
         deadline = time.monotonic() + timeout

@@ -32,13 +32,14 @@ class Service:
     database: Path
     process: subprocess.Popen[bytes] | None = None
     arguments: tuple[str, ...] = ()
+    python: str = sys.executable  # the environment the server runs in (the Sage one for Sage kernels)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "cellserver", *self.arguments, "--port", str(self.port)]
+        command = [self.python, "-m", "cellserver", *self.arguments, "--port", str(self.port)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -47,7 +48,7 @@ class Service:
                     return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("the permalink service did not start")
+        raise RuntimeError(f"{' '.join(command)} did not start listening")
 
     def kill_hard(self) -> None:
         assert self.process is not None
@@ -66,8 +67,10 @@ class Service:
         fields: dict[str, str] | None = None,
         timeout: float = 60,
         headers: dict[str, str] | None = None,
+        data: bytes | None = None,
     ) -> tuple[int, dict[str, str], str]:
-        data = urllib.parse.urlencode(fields).encode() if fields is not None else None
+        if fields is not None:
+            data = urllib.parse.urlencode(fields).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -151,8 +154,20 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]
     running.stop()
 
 
-def compute_server(tmp_path: Path, *options: str) -> Service:
-    return Service(port=free_port(), database=tmp_path / "unused", arguments=("serve", *options))
+def compute_server(tmp_path: Path, *options: str, python: str = sys.executable) -> Service:
+    return Service(port=free_port(), database=tmp_path / "unused", arguments=("serve", *options), python=python)
+
+
+def sage_python() -> str:
+    """The Python of the Sage environment (`make sage`); skips the test without one, fails it under CI."""
+    found = os.environ.get("CELLFLEET_SAGE_PYTHON") or str(
+        Path(__file__).resolve().parents[2] / ".venv-sage/bin/python"
+    )
+    if Path(found).exists():
+        return found
+    if os.environ.get("CI"):
+        pytest.fail(f"no Sage environment at {found} (make sage); CI must run the Sage tests")
+    pytest.skip(f"no Sage environment at {found} (make sage)")
 
 
 @pytest.fixture

@@ -34,6 +34,10 @@ def test_file_values_then_flags_override(tmp_path: Path) -> None:
         ("max_kernel = 3", "unknown setting 'max_kernel' (did you mean max_kernels?)"),
         ("max_kernels = 2\npreforked = 3", "preforked (3) must not exceed max_kernels (2)"),
         ("port = ", "not valid TOML"),
+        ('allowed_origins = "https://a.example/page"', "'https://a.example/page' is not an origin"),
+        ('allowed_origins = "a.example"', "'a.example' is not an origin"),
+        ('tos_file = "/nonexistent/tos.html"', "tos_file '/nonexistent/tos.html' is not a readable file"),
+        ('kernel = "octave"', "kernel must be python3 or sage"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, message: str) -> None:
@@ -48,7 +52,9 @@ def test_a_bad_file_stops_the_start_with_one_line(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"cellserver: {path}: memory_mb must be from 64 to 1048576, got 1"]
+    assert result.stderr.strip().splitlines() == [
+        f"cellserver: {path}: memory_mb must be 0 (the kernel's own need) or at least 64, got 1"
+    ]
 
 
 def test_a_good_file_starts_the_server(tmp_path: Path) -> None:
@@ -60,3 +66,15 @@ def test_a_good_file_starts_the_server(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert status == 200 and '"stdout": "3\\n"' in body
+
+
+def test_a_kernel_gets_the_address_space_its_kind_needs_unless_set() -> None:
+    # A Sage kernel maps over 2 GiB before any user code: a Python-sized limit kills every Sage kernel at start.
+    assert ServerConfig(kernel="sage").kernel_memory_mb() > 2.4 * 1024
+    assert ServerConfig(kernel="python3").kernel_memory_mb() == 2048
+    assert ServerConfig(kernel="sage", memory_mb=3000).kernel_memory_mb() == 3000
+
+
+def test_allowed_origins_are_a_list() -> None:
+    config = load(None, {"allowed_origins": "https://a.example  http://127.0.0.1:8000"})
+    assert config.origins() == ("https://a.example", "http://127.0.0.1:8000")

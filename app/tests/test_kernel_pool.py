@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cellserver.kernels import STOP_PATIENCE_SECONDS, Kernel, KernelPool, PoolSettings
+from cellserver.kernels import STOP_PATIENCE_SECONDS, Kernel, KernelPool, KernelsBusyError, PoolSettings
 
 
 class InstantProvider:
@@ -75,3 +75,44 @@ def test_a_stop_racing_the_refill_leaves_no_kernel_behind(steps_between: int) ->
     assert took < STOP_PATIENCE_SECONDS / 2, f"stop waited {took:.1f} s for a kernel nobody would release"
     assert sorted(pool.provider.released) == sorted(pool.started)  # type: ignore[attr-defined]
     assert pool.provider.closed  # type: ignore[attr-defined]
+
+
+class PoolOfSlowKernels(PoolOfStubKernels):
+    """Kernels that take a while to start, as Sage kernels do on a busy machine."""
+
+    START_SECONDS = 1.5
+
+    async def _start_kernel(self) -> Kernel:
+        await asyncio.sleep(self.START_SECONDS)
+        return await super()._start_kernel()
+
+
+async def overload(requests: int) -> list[tuple[str, float]]:
+    """requests at once to a pool whose two kernels are still starting: each one's outcome and wait."""
+    pool = PoolOfSlowKernels(PoolSettings(max_kernels=2, preforked=2, acquire_wait=0.5, start_timeout=20))
+    await pool.start()
+    await asyncio.sleep(0.1)  # the refill has started both kernels
+
+    async def one() -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            kernel = await pool.acquire()
+        except KernelsBusyError:
+            return "busy", time.monotonic() - started
+        pool.release(kernel)
+        return "kernel", time.monotonic() - started
+
+    try:
+        return await asyncio.gather(*(one() for _ in range(requests)))
+    finally:
+        await pool.stop()
+
+
+def test_overload_is_refused_at_once_not_queued_behind_starting_kernels() -> None:
+    # Every request used to wait up to the start timeout while any kernel was starting: under overload
+    # with slow kernels, minutes of queue instead of a 503.
+    outcomes = asyncio.run(overload(6))
+    kernels = [waited for outcome, waited in outcomes if outcome == "kernel"]
+    refused = [waited for outcome, waited in outcomes if outcome == "busy"]
+    assert len(kernels) == 2, outcomes  # the two kernels on their way went to the first two requests
+    assert len(refused) == 4 and max(refused) < 1.0, outcomes

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from browser import Browser, chromium_binary
@@ -38,22 +40,47 @@ def make_permalink(cells: Service, code: str) -> dict:
     return json.loads(body)
 
 
-def test_c_z_and_q_links_open_with_their_code(cells: Service) -> None:
+def test_c_z_and_q_links_open_with_their_code_and_run_it(cells: Service) -> None:
     ident = make_permalink(cells, CODE)["query"]
     for query in (f"c={CODE}", f"z={zip_text(CODE).rstrip('=')}", f"q={ident}"):
         status, headers, page = cells.request("GET", "/?" + query.replace("#", "%23").replace(" ", "+"))
         assert status == 200 and headers["Content-Type"].startswith("text/html")
         cell = initial_cell(page)
-        assert cell == {"code": CODE, "autoeval": False, "error": ""}, query
-    assert initial_cell(cells.request("GET", f"/?q={ident}&autoeval")[2])["autoeval"] is True
+        # Upstream runs a linked cell on open.
+        assert (cell["code"], cell["language"], cell["autoeval"]) == (CODE, "python", True), query
+        # autoeval=false opens it without running it.
+        stopped = initial_cell(
+            cells.request("GET", "/?" + query.replace("#", "%23").replace(" ", "+") + "&autoeval=false")[2]
+        )
+        assert (stopped["code"], stopped["autoeval"]) == (CODE, False), query
+    assert initial_cell(cells.request("GET", "/")[2])["autoeval"] is False  # nothing to run
 
 
-def test_broken_links_open_an_empty_cell_that_says_why(cells: Service) -> None:
-    for query, message in (("z=notzlib", "damaged"), ("q=zzzzzz", "no permalink zzzzzz"), ("q=../x", "not a")):
-        status, _headers, page = cells.request("GET", f"/?{query}")
-        assert status == 200
-        cell = initial_cell(page)
-        assert cell["code"] == "" and message in cell["error"], (query, cell)
+def test_links_restore_their_language_and_interacts(cells: Service) -> None:
+    interacts = '[{"state": {"n": 3}, "bookmarks": []}]'
+    status, _headers, body = cells.request(
+        "POST", "/permalink", {"code": "1", "language": "python", "interacts": interacts}
+    )
+    assert status == 200, body
+    answer = json.loads(body)
+    cell = initial_cell(cells.request("GET", f"/?z={answer['zip']}&lang=python&interacts={answer['interacts']}")[2])
+    assert (cell["language"], cell["interacts"]) == ("python", interacts)
+    cell = initial_cell(cells.request("GET", f"/?q={answer['query']}")[2])
+    assert (cell["language"], cell["interacts"]) == ("python", interacts)
+    # A language this server's kernel cannot run opens in the one it can (the Python kernel has no Sage).
+    assert initial_cell(cells.request("GET", "/?c=1&lang=sage")[2])["language"] == "python"
+
+
+def test_broken_links_answer_as_upstream(cells: Service) -> None:
+    for query, expected, message in (
+        ("z=notzlib", 400, "Invalid zipped code"),
+        ("z=" + zip_text("1") + "&interacts=notzlib", 400, "Invalid zipped code"),
+        ("q=zzzzzz", 404, "ID not found in permalink database"),
+        ("q=../x", 404, "ID not found in permalink database"),  # any shape of id is looked up
+        ("q=" + "a" * 500, 404, "ID not found in permalink database"),
+    ):
+        status, _headers, body = cells.request("GET", f"/?{query}")
+        assert status == expected and message in json.loads(body)["error"], (query, body)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +122,17 @@ def test_permalink_button_makes_links_that_reopen_the_code(cells: Service, brows
         assert browser.evaluate("document.getElementById('code').value") == code, link
 
 
-def test_an_autoeval_link_runs_on_open(cells: Service, browser: Browser) -> None:
-    browser.open(cells.url + f"/?z={zip_text('print(sum(range(10)))')}&autoeval")
+def test_a_link_runs_on_open_unless_autoeval_is_false(cells: Service, browser: Browser) -> None:
+    browser.open(cells.url + f"/?z={zip_text('print(sum(range(10)))')}")
     browser.wait_for(f"{STATUS} === 'done'")
     assert browser.evaluate(OUTPUT) == "45\n"
+    browser.open(cells.url + "/?c=print(7)&autoeval=false")
+    assert browser.evaluate("document.getElementById('code').value") == "print(7)"
+    # A run on open sets the status line before the page has loaded; here it stays empty until Run.
+    assert browser.evaluate(STATUS) == "" and browser.evaluate(OUTPUT) == ""
+    browser.evaluate("document.getElementById('run').click()")
+    browser.wait_for(f"{STATUS} === 'done'")
+    assert browser.evaluate(OUTPUT) == "7\n"
 
 
 def test_static_assets_are_served_with_versioned_urls(cells: Service) -> None:
@@ -108,3 +142,43 @@ def test_static_assets_are_served_with_versioned_urls(cells: Service) -> None:
     status, headers, body = cells.request("GET", script.group(1))
     assert status == 200 and "addEventListener" in body
     assert "max-age" in headers.get("Cache-Control", "")
+
+
+@pytest.fixture(scope="module")
+def other_origin() -> Iterator[str]:
+    """A page on another loopback port: an embedding site, as far as the browser's origin rules go."""
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!DOCTYPE html><title>a course page</title><p>embeds a cell</p>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def credentialed_post(url: str, fields: dict[str, str]) -> str:
+    """Script for the page: a form POST with the user's credentials, as upstream's embed sends it; the answer's
+    JSON, or what the browser refused."""
+    return (f"fetch({json.dumps(url)}, {{method: 'POST', credentials: 'include', "
+            f"body: new URLSearchParams({json.dumps(fields)})}})"
+            ".then(r => r.json(), e => ({refused: String(e)}))")  # fmt: skip
+
+
+def test_a_page_on_another_origin_calls_with_credentials(cells: Service, browser: Browser, other_origin: str) -> None:
+    browser.open(other_origin, ready="document.title === 'a course page'")
+    answer = browser.evaluate(credentialed_post(cells.url + "/service", {"code": "print(6 * 7)"}))
+    assert answer.get("stdout") == "42\n", answer
+    answer = browser.evaluate(credentialed_post(cells.url + "/permalink", {"code": "1", "n": "3"}))
+    assert re.fullmatch(r"[a-z]{6}", answer.get("query", "")) and answer["n"] == 3, answer

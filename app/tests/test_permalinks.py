@@ -8,7 +8,7 @@ import zlib
 from base64 import urlsafe_b64decode
 from pathlib import Path
 
-from cellserver.permalinks import unzip_text, zip_text
+from cellserver.permalinks import SQLiteStore, unzip_text, zip_text
 from conftest import Postgres, Service, free_port
 
 CODE = "print(1 + 1)\n# é ünïcode ✓"
@@ -54,9 +54,12 @@ def test_bad_requests_get_a_json_error_and_store_nothing(service: Service) -> No
     for method, path, fields, expected in [
         ("POST", "/permalink", {"language": "sage"}, 400),
         ("POST", "/permalink", {"code": "x" * 65_001}, 413),
-        ("GET", "/permalink?q=../etc", None, 400),
+        ("POST", "/permalink", {"code": "1", "n": "two"}, 400),
+        ("GET", "/permalink", None, 400),
         ("GET", "/permalink?q=abcdef&callback=alert(1)//", None, 400),
         ("GET", "/permalink?q=zzzzzz", None, 404),
+        ("GET", "/permalink?q=../etc", None, 404),  # upstream looks up ids of any shape
+        ("GET", "/permalink?q=" + "a" * 500, None, 404),
     ]:
         status, headers, body = service.request(method, path, fields)
         assert status == expected, (path, body)
@@ -131,3 +134,51 @@ def test_health_reads_the_store(service: Service) -> None:
     status, headers, body = service.request("GET", "/health")
     assert status == 200 and json.loads(body) == {"healthy": True}
     assert headers["Cache-Control"] == "no-store"
+
+
+def test_n_is_echoed_as_upstreams_page_needs(service: Service) -> None:
+    # Upstream's page sends n with each permalink request and ignores an answer whose n is not its last one.
+    for sent in ("1", "17"):
+        answer = json.loads(service.request("POST", "/permalink", {"code": "1", "n": sent})[2])
+        assert answer["n"] == int(sent)
+
+
+def test_a_credentialed_page_gets_its_origin_back(service: Service) -> None:
+    origin = "http://course.example:8000"
+    for method, path, fields in [("POST", "/permalink", {"code": "1"}), ("GET", "/permalink?q=zzzzzz", None)]:
+        _status, headers, _body = service.request(method, path, fields, headers={"Origin": origin})
+        assert headers["Access-Control-Allow-Origin"] == origin, path
+        assert headers["Access-Control-Allow-Credentials"] == "true"
+        assert "Origin" in headers["Vary"]
+
+
+def test_ids_made_by_an_older_store_still_resolve(tmp_path: Path) -> None:
+    # Upstream's ids were uuids once: a database imported from it keeps them, and links with them must open.
+    database = tmp_path / "permalinks.sqlite3"
+    ident = "0b6e4a8c-1d2f-4e5a-9b7c-3d2e1f0a9b8c"
+    store = SQLiteStore(database)
+    store._connection.execute(
+        "INSERT INTO permalinks (ident, code, language, interacts) VALUES (?, ?, ?, ?)", (ident, "2 + 2", "sage", "[]")
+    )
+    store.close()
+    service = Service(port=free_port(), database=database, arguments=("permalink", "--db", str(database)))
+    service.start()
+    try:
+        status, _headers, body = service.request("GET", f"/permalink?q={ident}")
+    finally:
+        service.stop()
+    assert status == 200 and json.loads(body) == ["2 + 2", "sage", "[]"]
+
+
+def test_only_the_allowed_origins_get_credentials(tmp_path: Path) -> None:
+    database = tmp_path / "permalinks.sqlite3"
+    arguments = ("permalink", "--db", str(database), "--allowed-origins", "https://course.example https://b.example")
+    service = Service(port=free_port(), database=database, arguments=arguments)
+    service.start()
+    try:
+        allowed = service.request("POST", "/permalink", {"code": "1"}, headers={"Origin": "https://b.example"})[1]
+        other = service.request("POST", "/permalink", {"code": "1"}, headers={"Origin": "https://evil.example"})[1]
+    finally:
+        service.stop()
+    assert allowed["Access-Control-Allow-Origin"] == "https://b.example"
+    assert "Access-Control-Allow-Origin" not in other and "Access-Control-Allow-Credentials" not in other

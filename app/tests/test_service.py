@@ -36,8 +36,8 @@ def test_every_answer_names_the_installed_release(compute: Service) -> None:
     installed = version("cellfleet-cellserver")
     _status, headers, _answer = run(compute, "1")
     assert headers["X-Cellserver-Version"] == installed
-    status, headers, _body = compute.request("POST", "/service", {})
-    assert status == 400 and headers["X-Cellserver-Version"] == installed  # errors too
+    status, headers, _body = compute.request("POST", "/service", {"code": "x" * 65_001})
+    assert status == 413 and headers["X-Cellserver-Version"] == installed  # errors too
 
 
 def test_stderr_errors_and_user_expressions(compute: Service) -> None:
@@ -59,9 +59,26 @@ def test_every_computation_gets_a_fresh_kernel(compute: Service) -> None:
     assert len(pids) == 3
 
 
+def test_code_is_read_from_the_query_and_the_body_and_joined_as_upstream(compute: Service) -> None:
+    status, _headers, body = compute.request("POST", "/service?code=print(1)%0A", {"code": "print(2)"})
+    assert status == 200 and json.loads(body)["stdout"] == "1\n2\n", body
+    # Several code fields are one cell, in order; none is an empty cell, which succeeds.
+    status, _headers, body = compute.request("POST", "/service", None, data=b"code=print(3)%0A&code=print(4)")
+    assert json.loads(body)["stdout"] == "3\n4\n", body
+    status, _headers, body = compute.request("POST", "/service", {"language": "python"})
+    assert status == 200 and json.loads(body)["success"] is True and json.loads(body)["stdout"] == ""
+
+
+def test_a_credentialed_page_gets_its_origin_back_even_when_refused(compute: Service) -> None:
+    origin = "http://127.0.0.1:9"
+    for fields in ({"code": "1"}, {"code": "x" * 65_001}):
+        _status, headers, _body = compute.request("POST", "/service", fields, headers={"Origin": origin})
+        assert headers["Access-Control-Allow-Origin"] == origin
+        assert headers["Access-Control-Allow-Credentials"] == "true"
+
+
 def test_bad_requests_are_refused_with_json_errors(compute: Service) -> None:
     for fields, expected in [
-        ({"language": "python"}, 400),
         ({"code": "x" * 65_001}, 413),
         ({"code": "1", "user_expressions": "not json"}, 400),
         ({"code": "1", "user_expressions": '{"a": 1}'}, 400),
@@ -270,3 +287,37 @@ def test_a_slot_freed_by_a_release_serves_the_next_request(tmp_path: Path) -> No
             assert status == 200 and answer["stdout"] == f"{number}\n"
     finally:
         server.stop()
+
+
+def test_terms_of_service_when_configured(tmp_path: Path) -> None:
+    terms = tmp_path / "tos.html"
+    terms.write_text("<p>Be kind to the servers.</p>")
+    settings = tmp_path / "cellserver.toml"
+    settings.write_text(f"tos_file = {str(terms)!r}\n")
+    server = compute_server(tmp_path, "--config", str(settings), "--max-kernels", "1", "--preforked", "0")
+    server.start()
+    try:
+        refused = server.request("POST", "/service", {"code": "print(1)"})
+        accepted = server.request("POST", "/service", {"code": "print(1)", "accepted_tos": "true"})
+        page = server.request("GET", "/tos.html")
+    finally:
+        server.stop()
+    assert refused[0] == 403 and "accepted_tos=true" in json.loads(refused[2])["error"]
+    assert accepted[0] == 200 and json.loads(accepted[2])["stdout"] == "1\n"
+    assert page[0] == 200 and page[2] == terms.read_text()
+
+
+def test_without_terms_nothing_needs_accepting(compute: Service) -> None:
+    assert run(compute, "print(5)")[2]["stdout"] == "5\n"
+    assert compute.request("GET", "/tos.html")[0] == 404
+
+
+def test_each_kernel_works_in_a_directory_of_its_own_removed_after_it(compute: Service, tmp_path: Path) -> None:
+    code = "import os; open('made-here.txt', 'w').write('x'); print(os.getcwd())"
+    first, second = (run(compute, code)[2]["stdout"].strip() for _ in range(2))
+    assert first != second and Path(first).name == Path(second).name == "work"
+    assert not Path("made-here.txt").exists() and not (tmp_path / "made-here.txt").exists()
+    deadline = time.monotonic() + 10
+    while Path(first).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(first).exists(), "a released kernel's directory stayed"

@@ -30,6 +30,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--syslog-socket", help="where the computation log goes, facility local3 (default /dev/log)")
     serve.add_argument("--check", action="store_true", help="check the settings, print them, start nothing")
     serve.add_argument("--provider-socket", help="socket of the root kernel provider that runs pooled workers")
+    serve.add_argument(
+        "--kernel", choices=["python3", "sage"], help="kernel to run (default python3; sage needs passagemath)"
+    )
     provider = commands.add_parser("kernel-provider", help="run the kernel provider (as root: for pooled workers)")
     provider.add_argument("--socket", type=Path, help="listen here for the cell server (root service mode)")
     provider.add_argument("--worker-pool", type=Path, help="pool description written by the worker_pool role")
@@ -44,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     permalink = commands.add_parser("permalink", help="run the permalink service")
     permalink.add_argument("--port", type=int, default=8889, help="TCP port (default 8889)")
     permalink.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
+    permalink.add_argument("--allowed-origins", default="",
+                           help="pages (space-separated origins) allowed credentialed calls; default: any")  # fmt: skip
     storage = permalink.add_mutually_exclusive_group()
     storage.add_argument("--db", type=Path, default=Path("permalinks.sqlite3"), help="SQLite database file")
     storage.add_argument("--postgres", metavar="CONNINFO",
@@ -51,6 +56,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "permalink" and not 1 <= args.port <= 65535:
         parser.error(f"--port must be 1-65535, got {args.port}")
+    if args.command == "permalink":
+        bad = [origin for origin in args.allowed_origins.split() if not config_module.ORIGIN.match(origin)]
+        if bad:
+            parser.error(f"--allowed-origins: {bad[0]!r} is not an origin like https://example.org")
     if args.command == "kernel-provider" and (args.socket is None) == (args.parent_pid is None):
         parser.error("give either --socket (service mode) or --parent-pid (spawned by cellserver serve)")
     if args.command == "kernel-provider" and (args.socket is None) != (args.worker_pool is None):
@@ -68,6 +77,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         "syslog_socket": args.syslog_socket,
         "provider_socket": args.provider_socket,
         "permalink_url": args.permalink_url,
+        "kernel": args.kernel,
     }
     return config_module.load(args.config, overrides)
 
@@ -87,7 +97,7 @@ async def run_serve(config: ServerConfig) -> None:
         max_kernels=config.max_kernels,
         preforked=config.preforked,
         cpu_seconds=config.cpu_seconds,
-        memory_bytes=config.memory_mb << 20,
+        memory_bytes=config.kernel_memory_mb() << 20,
         idle_seconds=config.idle_seconds,
         provider_socket=config.provider_socket,
         kernel=config.kernel,
@@ -99,7 +109,7 @@ async def run_serve(config: ServerConfig) -> None:
         from cellserver.permalinks import SQLiteStore
 
         store = SQLiteStore(Path(config.permalink_db or ":memory:"))
-    app = make_app(pool, config.timeout, config.permalink_url, store, config.health_max_age)
+    app = make_app(pool, config, store)
     http_server = app.listen(config.port, address=config.bind)
     systemd.notify("READY=1")
     interval = systemd.watchdog_interval()
@@ -132,7 +142,7 @@ async def run_permalink(args: argparse.Namespace) -> None:
     from cellserver.permalinks import PermalinkStore, PostgresStore, SQLiteStore
 
     store: PermalinkStore = PostgresStore(args.postgres) if args.postgres else SQLiteStore(args.db)
-    make_app(store).listen(args.port, address=args.bind)
+    make_app(store, tuple(args.allowed_origins.split())).listen(args.port, address=args.bind)
     where = f"PostgreSQL {args.postgres}" if args.postgres else f"SQLite {args.db}"
     systemd.notify("READY=1")
     print(f"cellserver permalink: listening on {args.bind}:{args.port}, {where}", flush=True)

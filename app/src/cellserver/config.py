@@ -4,6 +4,7 @@ Every value is checked at start; a bad one stops the start with one line that na
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -28,7 +29,8 @@ class ServerConfig:
     timeout: float = 30.0
     idle_seconds: float = 900.0
     cpu_seconds: int = 30
-    memory_mb: int = 2048
+    # Address space per kernel, MiB; 0: the kernel's own need (KERNEL_MEMORY_MB).
+    memory_mb: int = 0
     syslog_socket: str = "/dev/log"
     # /health answers from a computation at most this many seconds old (load balancers probe every second).
     health_max_age: float = 5.0
@@ -40,6 +42,23 @@ class ServerConfig:
     permalink_url: str = ""
     # SQLite file for permalinks kept in this process; empty: in memory, lost at exit.
     permalink_db: str = ""
+    # Pages (scheme://host[:port], space-separated) whose scripts may call this server with the user's
+    # credentials; empty: every page, as upstream's public server allows.
+    allowed_origins: str = ""
+    # HTML file of terms of service; when set, computations need accepted_tos=true (else 403).
+    tos_file: str = ""
+
+    def origins(self) -> tuple[str, ...]:
+        return tuple(self.allowed_origins.split())
+
+    def kernel_memory_mb(self) -> int:
+        return self.memory_mb or KERNEL_MEMORY_MB[self.kernel]
+
+
+# Address space a kernel may map, MiB. Address space is not memory: a Sage kernel maps 2.2-2.4 GiB
+# (importing its libraries alone 1.7 GiB) while a few hundred MiB of it are resident, and threads fail to
+# start below that. Resident memory is what a per-kernel cgroup limits; this only stops runaway mappings.
+KERNEL_MEMORY_MB = {"python3": 2048, "sage": 8192}
 
 
 # name -> (lowest, highest) for the numbers; checked after the types.
@@ -50,7 +69,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "timeout": (0.1, 3600),
     "idle_seconds": (1, 86400),
     "cpu_seconds": (1, 86400),
-    "memory_mb": (64, 1 << 20),
+    "memory_mb": (0, 1 << 20),
     "health_max_age": (0, 300),
 }
 
@@ -58,6 +77,8 @@ RANGES: dict[str, tuple[float, float]] = {
 def number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
+
+ORIGIN = re.compile(r"^https?://[^/\s]+$")
 
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
 
@@ -89,10 +110,20 @@ def apply(config: ServerConfig, values: dict[str, Any], source: str) -> ServerCo
             raise ConfigError(f"{source}: {error}") from None
     if checked.get("kernel", "python3") not in ("python3", "sage"):
         raise ConfigError(f"{source}: kernel must be python3 or sage, got {checked['kernel']!r}")
+    for origin in str(checked.get("allowed_origins", "")).split():
+        if not ORIGIN.match(origin):
+            raise ConfigError(f"{source}: allowed_origins: {origin!r} is not an origin like https://example.org")
+    tos = str(checked.get("tos_file", ""))
+    if tos and not Path(tos).is_file():
+        raise ConfigError(f"{source}: tos_file {tos!r} is not a readable file")
     url = str(checked.get("permalink_url", ""))
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: permalink_url must start with http:// or https://, got {url!r}")
     result = replace(config, **checked)
+    if 0 < result.memory_mb < 64:
+        raise ConfigError(
+            f"{source}: memory_mb must be 0 (the kernel's own need) or at least 64, got {result.memory_mb}"
+        )
     if result.preforked > result.max_kernels:
         raise ConfigError(
             f"{source}: preforked ({result.preforked}) must not exceed max_kernels ({result.max_kernels})"

@@ -1,4 +1,4 @@
-"""What every cellserver HTTP handler shares: errors as JSON, and the code field both public calls take."""
+"""What every cellserver HTTP handler shares: errors as JSON, cross-origin rules, and the code field."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from cellserver import __version__
 
 # Upstream's limit for /service and /permalink: longer code is refused with 413.
 MAX_CODE_CHARS = 65_000
+# Upstream's words for a missing acceptance, so clients written against it recognise the refusal.
+TOS_REFUSAL = (
+    "When evaluating code, you must acknowledge your acceptance of the terms of service at /tos.html "
+    "by passing the parameter accepted_tos=true\n"
+)
 
 
 class JSONErrorHandler(tornado.web.RequestHandler):
@@ -40,20 +45,64 @@ class JSONErrorHandler(tornado.web.RequestHandler):
         self.send_error(status_code, reason=reason, headers=headers or {})
 
 
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """No list: every page may embed a cell, as on upstream's public server."""
+    return not allowed or origin in allowed
+
+
 class PublicAPIHandler(JSONErrorHandler):
-    """/service and /permalink: callable from any page that embeds a cell, as upstream allows."""
+    """/service and /permalink: callable from any page that embeds a cell, as upstream allows.
+
+    Upstream's embed sends credentialed requests, which browsers refuse to answer with `*`: the page's
+    Origin is echoed with Allow-Credentials, for every origin or only for the application's
+    `allowed_origins`. Refusals carry the same headers, so the page can read why it was refused.
+    """
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
-        self.set_header("Access-Control-Allow-Origin", "*")
+        self.set_cors_headers()
 
-    def code_argument(self) -> str | None:
-        """The code field, or None after answering 400 (missing) or 413 (too long)."""
-        code = self.get_body_argument("code", default=None, strip=False)
-        if code is None:
+    def set_cors_headers(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin is None:
+            self.set_header("Access-Control-Allow-Origin", "*")
+            return
+        self.set_header("Vary", "Origin")
+        if origin_allowed(origin, self.settings.get("allowed_origins", ())):
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Allow-Credentials", "true")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_cors_headers()  # send_error cleared them
+        super().write_error(status_code, **kwargs)
+
+    def options(self) -> None:
+        # A preflight, for pages that send more than a form (a JSON body, custom headers).
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Content-Type, X-Requested-With")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    def code_argument(self, required: bool) -> str | None:
+        """The code, or None after answering 400 (missing where required) or 413 (too long).
+
+        Every `code` field of the query and the body, joined, as upstream reads it; a missing one is an
+        empty cell where upstream runs one (/service), and a 400 where upstream refuses (/permalink).
+        """
+        parts = self.get_arguments("code", strip=False)
+        if not parts and required:
             self.fail(400, "the code field is required")
             return None
+        code = "".join(parts)
         if len(code) > MAX_CODE_CHARS:
             self.fail(413, f"code longer than {MAX_CODE_CHARS} characters")
             return None
         return code
+
+    def terms_accepted(self) -> bool:
+        """True unless terms of service are configured and the request did not accept them (then 403)."""
+        if not self.settings.get("terms_of_service") or self.get_argument("accepted_tos", "false") == "true":
+            return True
+        self.fail(403, TOS_REFUSAL)
+        return False

@@ -63,6 +63,7 @@ log = logging.getLogger("cellserver.kernel_provider")
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+WORK_DIRECTORY = "work"  # in each kernel's directory: the working directory of a kernel run as the current user
 
 KERNEL_ARGUMENTS = [
     # No history database in the worker's home, no banner, no extensions: a one-shot computation.
@@ -80,8 +81,11 @@ def kernel_arguments(kernel: str) -> list[str]:
     if kernel == "python3":
         return []
     try:
-        importlib.import_module("sage.all")
+        from cellserver.sage_environment import provide_sage_globals
+
+        log.info("sage globals from %s", ", ".join(provide_sage_globals()))
         importlib.import_module("sage.repl.ipython_kernel.kernel")
+        importlib.import_module("sage.repl.ipython_kernel.all_jupyter")
     except ImportError as error:
         raise SystemExit(f"kernel provider: the sage kernel needs passagemath installed ({error})") from None
     return ["--IPKernelApp.kernel_class=sage.repl.ipython_kernel.kernel.SageKernel"]
@@ -193,6 +197,11 @@ def prepare_kernel(
         os.umask(0o007)  # the sockets the kernel binds next must admit the server's group
     die_with_parent(provider)  # after the change of uid, which clears the parent-death signal
     connection_file = Path(info["ip"]).with_suffix(".json")
+    if worker is None:
+        # Not the server's directory: what a kernel writes by a relative path (a savefig, a plot) stays apart
+        # from other kernels and goes with its release. A worker works in its home, which its quota bounds
+        # and its reset empties (this directory is on /run, a tmpfs that no quota bounds).
+        os.chdir(connection_file.parent / WORK_DIRECTORY)
     fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as stream:
         json.dump(info, stream)
@@ -290,6 +299,8 @@ class Provider:
                 # binds belong to that group too. Other workers get nothing.
                 os.chown(directory, worker.uid, self.settings.server_gid)
                 os.chmod(directory, 0o2750)
+            if worker is None:
+                (directory / WORK_DIRECTORY).mkdir(mode=0o700)
             info = connection_info(directory)
             limits = {"cpu_seconds": cpu_seconds, "memory_bytes": memory_bytes}
             pid = self.fork_kernel(worker, info, limits)

@@ -196,6 +196,7 @@ class KernelPool:
         self._releases: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._refilling = 0  # reserve kernels being started right now
+        self._waiters: list[object] = []  # requests waiting for a kernel, oldest first
         self._stopping = False
 
     @property
@@ -227,10 +228,19 @@ class KernelPool:
 
     async def acquire(self) -> Kernel:
         """A ready kernel, started now if there is room, or KernelsBusyError after a short wait."""
+        ticket = object()
+        self._waiters.append(ticket)
+        try:
+            return await self._acquire(ticket)
+        finally:
+            self._waiters.remove(ticket)
+
+    async def _acquire(self, ticket: object) -> Kernel:
         deadline = time.monotonic() + self.settings.acquire_wait
         while True:
-            if self._refilling:
-                # Kernels are on their way to the reserve: worth waiting for, the pool is not full of work.
+            if self._waiters.index(ticket) < self._refilling:
+                # One of the kernels on their way to the reserve will be this request's: worth waiting for.
+                # Requests beyond those kernels are overload, which answers 503 after the short wait, not a queue.
                 deadline = max(deadline, time.monotonic() + self.settings.start_timeout)
             with contextlib.suppress(asyncio.QueueEmpty):
                 kernel = self._ready.get_nowait()

@@ -1,8 +1,9 @@
 """The cell page at `/`, and `/permalink` on the compute server.
 
-`/?z=<zip>`, `/?q=<id>` and `/?c=<code>` (with optional `&autoeval`) open the page with that code in the
-cell, as upstream's links do; the server resolves the code and puts it in the page, so a link works
-even where scripts cannot reach the permalink service themselves.
+`/?z=<zip>`, `/?q=<id>` and `/?c=<code>` (with optional `&lang=`, `&interacts=` and `&autoeval=`) open the
+page with that code in the cell and run it, as upstream's links do (`&autoeval=false` only opens it). The
+server resolves the code and puts it in the page, so a link works even where scripts cannot reach the
+permalink service themselves. A damaged `z` answers 400 and an unknown `q` 404, as upstream's do.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from typing import Any
 import tornado.httpclient
 import tornado.web
 
-from cellserver.handlers import JSONErrorHandler
-from cellserver.permalink_service import PERMALINK_ID
-from cellserver.permalinks import PermalinkStore, unzip_text
+from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
+from cellserver.permalink_service import MAX_ID_CHARS, RETRY_AFTER_SECONDS
+from cellserver.permalinks import Permalink, PermalinkStore, unzip_text
 
 PACKAGE_DIR = Path(__file__).parent
 STATIC_DIR = PACKAGE_DIR / "static"
 TEMPLATE_DIR = PACKAGE_DIR / "templates"
+# What the cell page offers per kernel: upstream's page sends Python to the Sage kernel wrapped in exec().
+LANGUAGES = {"sage": ["sage", "python"], "python3": ["python"]}
+# Values of autoeval that keep a link from running on open (upstream writes the value into its page as a
+# JavaScript literal, so these are the ones that read as false there).
+NO_AUTOEVAL = ("false", "0")
 
 
 class PermalinkSource:
@@ -33,18 +39,21 @@ class PermalinkSource:
         self.url = url.rstrip("/")
         self.store = store
 
-    async def code_of(self, ident: str) -> str | None:
+    async def lookup(self, ident: str) -> Permalink | None:
+        if len(ident) > MAX_ID_CHARS:
+            return None
         if self.store is not None:
-            permalink = self.store.get(ident)
-            return permalink.code if permalink else None
+            return self.store.get(ident)
+        query = urllib.parse.urlencode({"q": ident})
         response = await tornado.httpclient.AsyncHTTPClient().fetch(
-            f"{self.url}/permalink?q={ident}", raise_error=False, request_timeout=10
+            f"{self.url}/permalink?{query}", raise_error=False, request_timeout=10
         )
         if response.code == 404:
             return None
         if response.code != 200:
             raise LookupError(f"the permalink service answered {response.code}")
-        return str(json.loads(response.body)[0])
+        code, language, interacts = json.loads(response.body)
+        return Permalink(code=str(code), language=str(language), interacts=str(interacts))
 
 
 def script_json(value: dict[str, Any]) -> str:
@@ -52,39 +61,60 @@ def script_json(value: dict[str, Any]) -> str:
     return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+class LinkError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
 class CellPageHandler(JSONErrorHandler):
-    def initialize(self, permalinks: PermalinkSource) -> None:
+    def initialize(self, permalinks: PermalinkSource, kernel: str) -> None:
         self.permalinks = permalinks
+        self.languages = LANGUAGES[kernel]
 
     async def get(self) -> None:
-        code, error = await self.requested_code()
-        initial = {"code": code, "autoeval": "autoeval" in self.request.arguments, "error": error}
+        try:
+            cell = await self.linked_cell()
+        except LinkError as error:
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status == 503 else {}
+            self.fail(error.status, str(error), headers)
+            return
+        autoeval = self.get_query_argument("autoeval", "true") not in NO_AUTOEVAL
+        language = cell.language if cell.language in self.languages else self.languages[0]
+        initial = {"code": cell.code, "language": language, "languages": self.languages,
+                   "interacts": cell.interacts, "autoeval": autoeval and bool(cell.code)}  # fmt: skip
         self.set_header("Cache-Control", "no-store")
         self.render("index.html", initial_cell=script_json(initial))
 
-    async def requested_code(self) -> tuple[str, str]:
-        """The code a link asks for, and a message for the page when it cannot be found."""
+    async def linked_cell(self) -> Permalink:
+        """The cell a link asks for (an empty one without a link); LinkError when it cannot be had."""
+        language = self.get_query_argument("lang", "")
         if "c" in self.request.arguments:
-            return self.get_query_argument("c", strip=False), ""
+            return Permalink(code=self.get_query_argument("c", strip=False), language=language, interacts="[]")
         if "z" in self.request.arguments:
             try:
-                return unzip_text(self.get_query_argument("z")), ""
-            except (binascii.Error, zlib.error, UnicodeDecodeError, ValueError):
-                return "", "this link's code is damaged (z= does not decompress)"
+                code = unzip_text(self.get_query_argument("z"))
+                interacts = (
+                    unzip_text(self.get_query_argument("interacts")) if "interacts" in self.request.arguments else "[]"
+                )
+            except (binascii.Error, zlib.error, UnicodeDecodeError, ValueError) as error:
+                raise LinkError(400, f"Invalid zipped code: {error}") from None
+            return Permalink(code=code, language=language, interacts=interacts)
         if "q" in self.request.arguments:
             ident = self.get_query_argument("q")
-            if not PERMALINK_ID.match(ident):
-                return "", "q= is not a permalink id"
             try:
-                code = await self.permalinks.code_of(ident)
+                permalink = await self.permalinks.lookup(ident)
             except (LookupError, OSError, tornado.httpclient.HTTPClientError) as failure:
-                return "", f"the permalink could not be fetched ({failure})"
-            return (code, "") if code is not None else ("", f"no permalink {ident}")
-        return "", ""
+                raise LinkError(503, f"the permalink could not be fetched ({failure}); retry later") from None
+            if permalink is None:
+                raise LinkError(404, "ID not found in permalink database")
+            return permalink
+        return Permalink(code="", language=language, interacts="[]")
 
 
-class PermalinkForwardHandler(JSONErrorHandler):
-    """/permalink on the compute server, passed on to the permalink service (its own process or machine)."""
+class PermalinkForwardHandler(PublicAPIHandler):
+    """/permalink on the compute server, passed on to the permalink service (its own process or machine).
+    Cross-origin headers are this server's own, like every public call it answers."""
 
     def initialize(self, url: str) -> None:
         self.url = url.rstrip("/")
@@ -100,12 +130,10 @@ class PermalinkForwardHandler(JSONErrorHandler):
             request_timeout=15,
         )
         if response.code == 599:  # no answer at all
-            self.set_status(502)
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": "the permalink service did not answer", "status": 502}))
+            self.fail(502, "the permalink service did not answer")
             return
         self.set_status(response.code)
-        for name in ("Content-Type", "Access-Control-Allow-Origin", "Retry-After"):
+        for name in ("Content-Type", "Retry-After"):
             if name in response.headers:
                 self.set_header(name, response.headers[name])
         self.finish(response.body)

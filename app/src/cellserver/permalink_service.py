@@ -1,7 +1,7 @@
 """HTTP side of permalinks, answering exactly as SageMathCell does, so upstream clients and URLs keep working.
 
-POST code[, language, interacts] -> {"query": id, "zip": ..., "interacts": ...}
-GET ?q=id[&callback=f]           -> [code, language, interacts], or f("<that JSON>"); as JSONP
+POST code[, language, interacts, n] -> {"query": id, "zip": ..., "interacts": ..., "n": n when sent}
+GET ?q=id[&callback=f]              -> [code, language, interacts], or f("<that JSON>"); as JSONP
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import tornado.web
 
 from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
 from cellserver.permalinks import (
-    ID_ALPHABET,
-    ID_LENGTH,
     Permalink,
     PermalinkStore,
     StoreUnavailableError,
@@ -28,10 +26,12 @@ from cellserver.permalinks import (
 MAX_INTERACTS_CHARS = 65_000
 # A JSONP callback is a dotted JavaScript name; anything else could inject script into the response.
 CALLBACK = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$")
-PERMALINK_ID = re.compile(rf"^[{ID_ALPHABET}]{{{ID_LENGTH}}}$")
+# Ids this store makes are six letters; older stores made others (uuids), so any shape is looked up.
+# Longer than this is no id any store made: 404 without asking the database.
+MAX_ID_CHARS = 64
 # A restarted database is back within seconds; clients (and the page) retry after this.
 RETRY_AFTER_SECONDS = 5
-UNAVAILABLE = object()  # what _in_store returns once it has answered 503
+ANSWERED = object()  # returned by a step that has already answered the request with an error
 
 
 class PermalinkHandler(PublicAPIHandler):
@@ -45,21 +45,26 @@ class PermalinkHandler(PublicAPIHandler):
             return await asyncio.get_running_loop().run_in_executor(self.executor, call, argument)
         except StoreUnavailableError as error:
             self.fail(503, f"{error}; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
-            return UNAVAILABLE
+            return ANSWERED
 
     async def post(self) -> None:
-        code = self.code_argument()
+        code = self.code_argument(required=True)
         if code is None:
             return None
-        language = self.get_body_argument("language", default="sage")
-        interacts = self.get_body_argument("interacts", default="[]", strip=False)
+        language = self.get_argument("language", default="sage")
+        interacts = self.get_argument("interacts", default="[]", strip=False)
         if len(interacts) > MAX_INTERACTS_CHARS or len(language) > 64:
             return self.fail(413, "interacts or language too long")
+        sequence = self.sequence_number()
+        if sequence is ANSWERED:
+            return None
         permalink = Permalink(code=code, language=language, interacts=interacts)
         ident = await self._in_store(self.store.put, permalink)
-        if ident is UNAVAILABLE:
+        if ident is ANSWERED:
             return None
-        answer = {"query": ident, "zip": zip_text(code), "interacts": zip_text(interacts)}
+        answer: dict[str, Any] = {"query": ident, "zip": zip_text(code), "interacts": zip_text(interacts)}
+        if sequence is not None:
+            answer["n"] = sequence
         if "frame" in self.request.arguments:
             # Embeds in an iframe get the answer as a message to the parent page, as upstream does.
             self.set_header("Content-Type", "text/html")
@@ -69,15 +74,26 @@ class PermalinkHandler(PublicAPIHandler):
         self.finish(json.dumps(answer))
         return None
 
+    def sequence_number(self) -> int | object | None:
+        """The page's request number `n`, echoed: upstream's page drops an answer whose n is not its last."""
+        raw = self.get_argument("n", default=None)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            self.fail(400, "n must be an integer")
+            return ANSWERED
+
     async def get(self) -> None:
         ident = self.get_query_argument("q", default="")
         callback = self.get_query_argument("callback", default=None)
-        if not PERMALINK_ID.match(ident):
-            return self.fail(400, "q must be a permalink id")
+        if "q" not in self.request.query_arguments:
+            return self.fail(400, "q is required")
         if callback is not None and not CALLBACK.match(callback):
             return self.fail(400, "callback must be a JavaScript name")
-        permalink = await self._in_store(self.store.get, ident)
-        if permalink is UNAVAILABLE:
+        permalink = await self._in_store(self.store.get, ident) if len(ident) <= MAX_ID_CHARS else None
+        if permalink is ANSWERED:
             return None
         if permalink is None:
             return self.fail(404, f"no permalink {ident}")
@@ -115,7 +131,7 @@ def permalink_routes(store: PermalinkStore, paths: tuple[str, ...] = ("/", "/per
     return [(path, PermalinkHandler, {"store": store, "executor": executor}) for path in paths]
 
 
-def make_app(store: PermalinkStore) -> tornado.web.Application:
+def make_app(store: PermalinkStore, allowed_origins: tuple[str, ...] = ()) -> tornado.web.Application:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="permalink-health")
     health = (r"/health", PermalinkHealthHandler, {"store": store, "executor": executor})
-    return tornado.web.Application([*permalink_routes(store), health])
+    return tornado.web.Application([*permalink_routes(store), health], allowed_origins=allowed_origins)

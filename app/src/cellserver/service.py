@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import tornado.web
 
 from cellserver import computation_log
+from cellserver.config import ServerConfig
 from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
 from cellserver.kernels import Kernel, KernelPool, KernelsBusyError, KernelStartError
 from cellserver.permalinks import PermalinkStore
@@ -62,10 +65,12 @@ class ServiceHandler(PublicAPIHandler):
         self.health = health
 
     def parse_request(self) -> tuple[str, dict[str, str]] | None:
-        code = self.code_argument()
+        if not self.terms_accepted():
+            return None
+        code = self.code_argument(required=False)
         if code is None:
             return None
-        raw = self.get_body_argument("user_expressions", default="{}", strip=False)
+        raw = self.get_argument("user_expressions", default="{}", strip=False)
         try:
             expressions = json.loads(raw)
         except ValueError:
@@ -103,6 +108,14 @@ class ServiceHandler(PublicAPIHandler):
         self.finish(json.dumps(answer, default=str))
 
 
+def probe_computation(kernel: str) -> tuple[str, str]:
+    """Upstream's monitoring request: a sum no cache can answer, and with Sage a plot, which exercises
+    the graphics stack and its temporary files as users' computations do. The code and its expected stdout."""
+    a, b = (secrets.randbelow(1 << 32) - (1 << 31) for _ in range(2))
+    plot = "show(plot(sin)); " if kernel == "sage" else ""
+    return f"{plot}print({a} + {b})", str(a + b)
+
+
 class HealthProbe:
     """One real computation, shared: load balancers probe every second, a kernel per probe would be a load
     of its own. A result younger than max_age answers; an older one starts a fresh computation.
@@ -117,14 +130,15 @@ class HealthProbe:
     every 5 s each, while they served). Failed ones do not count: user code fails for reasons of its own.
     """
 
-    def __init__(self, pool: KernelPool, max_age: float) -> None:
+    def __init__(self, pool: KernelPool, max_age: float, kernel: str) -> None:
         self.pool = pool
         self.max_age = max_age
+        self.kernel = kernel
         self._last: tuple[float, str | None] | None = None  # (finished at, failure or None)
         self._running: asyncio.Future[str | None] | None = None
 
     async def failure(self) -> str | None:
-        """None when a computation printed 42 recently enough, otherwise why it did not."""
+        """None when a computation answered right recently enough, otherwise why it did not."""
         last = self._last
         age = time.monotonic() - last[0] if last else math.inf
         if last and age < self.max_age:
@@ -161,11 +175,14 @@ class HealthProbe:
             return f"a kernel failed to start: {error}"
         except KernelsBusyError:
             return "no kernel available"
+        code, expected = probe_computation(self.kernel)
         try:
-            answer = await execute(kernel, "print(6 * 7)", {}, HEALTH_TIMEOUT_SECONDS)
+            answer = await execute(kernel, code, {}, HEALTH_TIMEOUT_SECONDS)
         finally:
             self.pool.release(kernel)
-        return None if answer["stdout"] == "42\n" else f"the health computation answered {answer['stdout']!r}"
+        if answer["success"] and answer["stdout"].strip() == expected:
+            return None
+        return f"the health computation answered {answer['stdout']!r}, not {expected}"
 
 
 class HealthHandler(JSONErrorHandler):
@@ -184,33 +201,47 @@ class HealthHandler(JSONErrorHandler):
         self.finish(json.dumps({"healthy": True}))
 
 
+class TermsHandler(JSONErrorHandler):
+    """/tos.html: the terms a request accepts with accepted_tos=true, when the operator configured them."""
+
+    def initialize(self, terms: str) -> None:
+        self.terms = terms
+
+    def get(self) -> None:
+        if not self.terms:
+            self.fail(404, "No Terms of Service Required")
+            return
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(self.terms)
+
+
 def make_app(
-    pool: KernelPool,
-    timeout: float,
-    permalink_url: str = "",
-    permalink_store: PermalinkStore | None = None,
-    health_max_age: float = 5.0,
+    pool: KernelPool, config: ServerConfig, permalink_store: PermalinkStore | None = None
 ) -> tornado.web.Application:
-    """The compute server's routes. Permalinks go to the permalink service at permalink_url, or, with no
-    URL (a laptop), to permalink_store in this process."""
+    """The compute server's routes. Permalinks go to the permalink service at config.permalink_url, or,
+    with no URL (a laptop), to permalink_store in this process."""
     from cellserver import page
     from cellserver.permalink_service import permalink_routes
 
-    if permalink_url:
-        permalinks: list[Any] = [(r"/permalink", page.PermalinkForwardHandler, {"url": permalink_url})]
-        source = page.PermalinkSource(url=permalink_url)
+    if config.permalink_url:
+        permalinks: list[Any] = [(r"/permalink", page.PermalinkForwardHandler, {"url": config.permalink_url})]
+        source = page.PermalinkSource(url=config.permalink_url)
     else:
         assert permalink_store is not None
         permalinks = permalink_routes(permalink_store, paths=("/permalink",))
         source = page.PermalinkSource(store=permalink_store)
-    health = HealthProbe(pool, health_max_age)
+    health = HealthProbe(pool, config.health_max_age, config.kernel)
+    terms = Path(config.tos_file).read_text() if config.tos_file else ""
     return tornado.web.Application(
         [
-            (r"/", page.CellPageHandler, {"permalinks": source}),
-            (r"/service", ServiceHandler, {"pool": pool, "timeout": timeout, "health": health}),
+            (r"/", page.CellPageHandler, {"permalinks": source, "kernel": config.kernel}),
+            (r"/service", ServiceHandler, {"pool": pool, "timeout": config.timeout, "health": health}),
             (r"/health", HealthHandler, {"probe": health}),
+            (r"/tos\.html", TermsHandler, {"terms": terms}),
             *permalinks,
         ],
         static_path=str(page.STATIC_DIR),
         template_path=str(page.TEMPLATE_DIR),
+        allowed_origins=config.origins(),
+        terms_of_service=bool(terms),
     )

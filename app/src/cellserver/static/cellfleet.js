@@ -5,6 +5,9 @@
 const editor = document.getElementById("code");
 const output = document.getElementById("output");
 const statusLine = document.getElementById("status");
+const languageChoice = document.getElementById("language");
+const initial = JSON.parse(document.getElementById("initial-cell").textContent);
+let permalinkRequest = 0;
 
 function post(path, fields) {
   return fetch(path, { method: "POST", body: new URLSearchParams(fields) }).then(async (response) => {
@@ -23,11 +26,20 @@ function show(text, kind) {
   output.appendChild(part);
 }
 
+// As upstream's page sends it: the Sage kernel runs Sage; other languages go wrapped in a Python call.
+function wrapped(code, language) {
+  if (language === "sage" || !initial.languages.includes("sage")) {
+    return code;
+  }
+  const quoted = '("""' + code.replace(/\\/g, "\\\\").replace(/"/g, '\\"') + '""")';
+  return language === "python" ? "exec" + quoted : "print(" + language + ".eval" + quoted + ")";
+}
+
 async function run() {
   output.textContent = "";
   statusLine.textContent = "running…";
   try {
-    const answer = await post("service", { code: editor.value });
+    const answer = await post("service", { code: wrapped(editor.value, languageChoice.value) });
     show(answer.stdout, "stdout");
     if (answer.stderr) {
       show(answer.stderr, "stderr");
@@ -45,11 +57,16 @@ async function run() {
 
 async function permalink() {
   statusLine.textContent = "saving…";
+  const sent = ++permalinkRequest;
+  const language = languageChoice.value;
   try {
-    const answer = await post("permalink", { code: editor.value, language: "python" });
+    const answer = await post("permalink", { code: editor.value, language, interacts: initial.interacts, n: sent });
+    if (answer.n !== permalinkRequest) {
+      return; // a later request's answer is the one to show
+    }
     const base = window.location.href.split("?")[0];
     document.getElementById("query-link").href = `${base}?q=${answer.query}`;
-    document.getElementById("zip-link").href = `${base}?z=${answer.zip}`;
+    document.getElementById("zip-link").href = `${base}?z=${answer.zip}&lang=${language}&interacts=${answer.interacts}`;
     document.getElementById("links").hidden = false;
     statusLine.textContent = "permalink ready";
   } catch (error) {
@@ -57,6 +74,12 @@ async function permalink() {
   }
 }
 
+for (const language of initial.languages) {
+  const option = document.createElement("option");
+  option.value = option.textContent = language;
+  languageChoice.appendChild(option);
+}
+languageChoice.value = initial.language;
 document.getElementById("run").addEventListener("click", run);
 document.getElementById("permalink").addEventListener("click", permalink);
 editor.addEventListener("keydown", (event) => {
@@ -66,11 +89,7 @@ editor.addEventListener("keydown", (event) => {
   }
 });
 
-const initial = JSON.parse(document.getElementById("initial-cell").textContent);
 editor.value = initial.code;
-if (initial.error) {
-  statusLine.textContent = initial.error;
-}
-if (initial.autoeval && initial.code) {
+if (initial.autoeval) {
   run();
 }
