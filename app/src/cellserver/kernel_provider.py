@@ -81,11 +81,12 @@ def kernel_arguments(kernel: str) -> list[str]:
     if kernel == "python3":
         return []
     try:
-        from cellserver.sage_environment import provide_sage_globals
+        from cellserver.sage_environment import provide_sage_globals, warm_up
 
         log.info("sage globals from %s", ", ".join(provide_sage_globals()))
         importlib.import_module("sage.repl.ipython_kernel.kernel")
         importlib.import_module("sage.repl.ipython_kernel.all_jupyter")
+        warm_up()
     except ImportError as error:
         raise SystemExit(f"kernel provider: the sage kernel needs passagemath installed ({error})") from None
     return ["--IPKernelApp.kernel_class=sage.repl.ipython_kernel.kernel.SageKernel"]
