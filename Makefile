@@ -169,6 +169,10 @@ bench-permalinks: venv ## Permalink service on this machine: durable writes/s, r
 bench-service: venv ## /service on this machine: print(1+1) at concurrency 1 and 8, fresh kernel each
 	@$(BIN)/python bench/service.py
 
+.PHONY: bench-service-sage
+bench-service-sage: venv sage ## /service with the Sage kernel on this machine: print(1+1), factor at 1/8/32 clients, CPU s, PSS
+	@$(BIN)/python bench/service_sage.py $(BENCH_ARGS)
+
 .PHONY: bench-service-pooled
 bench-service-pooled: venv ## /service on the lab's cell1, kernels as pooled confined workers; after `make up`
 	@$(BIN)/python bench/service_pooled.py $(BENCH_ARGS)

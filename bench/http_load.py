@@ -25,10 +25,19 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 @contextmanager
-def cellserver(*arguments: str, startup_seconds: float = 60) -> Iterator[str]:
-    """Run `cellserver ARGUMENTS --port P` until the block ends; yields its base URL."""
+def cellserver(*arguments: str, startup_seconds: float = 60, python: str = sys.executable) -> Iterator[str]:
+    """Run `cellserver ARGUMENTS --port P` with python until the block ends; yields its base URL."""
+    with running_cellserver(*arguments, startup_seconds=startup_seconds, python=python) as (url, _server):
+        yield url
+
+
+@contextmanager
+def running_cellserver(
+    *arguments: str, startup_seconds: float = 60, python: str = sys.executable
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like cellserver, and the server's process too (for its CPU time and memory)."""
     port = free_port()
-    command = [sys.executable, "-m", "cellserver", *arguments, "--port", str(port)]
+    command = [python, "-m", "cellserver", *arguments, "--port", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + startup_seconds
@@ -38,14 +47,17 @@ def cellserver(*arguments: str, startup_seconds: float = 60) -> Iterator[str]:
                 break
             except OSError:
                 time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.terminate()
         server.wait()
 
 
-async def drive(make_request: Callable[[], HTTPRequest], concurrency: int, seconds: float) -> list[float]:
-    """Latencies of every request concurrency clients complete in seconds; any non-200 answer aborts."""
+async def drive(
+    make_request: Callable[[], HTTPRequest], concurrency: int, seconds: float, refusals: list[float] | None = None
+) -> list[float]:
+    """Latencies of every request concurrency clients complete in seconds; any non-200 answer aborts, except a
+    503 when refusals is a list (overload is refused by design): its latency goes there."""
     client = AsyncHTTPClient(max_clients=concurrency)
     latencies: list[float] = []
     deadline = time.monotonic() + seconds
@@ -54,6 +66,9 @@ async def drive(make_request: Callable[[], HTTPRequest], concurrency: int, secon
         while time.monotonic() < deadline:
             started = time.monotonic()
             response = await client.fetch(make_request(), raise_error=False)
+            if response.code == 503 and refusals is not None:
+                refusals.append(time.monotonic() - started)
+                continue
             if response.code != 200:
                 raise RuntimeError(f"HTTP {response.code}: {response.body[:200]!r}")
             latencies.append(time.monotonic() - started)

@@ -44,6 +44,8 @@ BENCHMARKS = (
               "image build cold and cached, overlay, clones to SSH, converges with and without Mitogen",
               pauses_lab=True),
     Benchmark("service", "service.py", "service.json", "/service on this machine, fresh kernel each"),
+    Benchmark("service_sage", "service_sage.py", "service_sage.json",
+              "/service with the Sage kernel on this machine, fresh kernel each, 1/8/32 clients"),
     Benchmark("permalinks", "permalinks.py", "permalinks.json", "permalink store on this machine"),
     Benchmark("stack", "stack.py", "stack.json", "through HAProxy+TLS beside direct, concurrency 1/8/32"),
     Benchmark("service_pooled", "service_pooled.py", "service_pooled.json", "/service on cell1 with confined workers"),
@@ -143,6 +145,16 @@ def service_targets(data: Any) -> list[Target]:
     ]  # fmt: skip
 
 
+def service_sage_targets(data: Any) -> list[Target]:
+    per_second = dig(data, "print(1+1) at 8", "per_second")
+    p90 = dig(data, "print(1+1) at 1", "p90_ms")
+    return [
+        Target("Sage print(1+1) at 8 clients, fresh kernel each", per_second, "/s", ">= 10/s",
+               at_least(per_second, 10), "service_sage"),
+        Target("Sage print(1+1) p90 at 1 client", p90, "ms", "<= 150 ms", at_most(p90, 150), "service_sage"),
+    ]  # fmt: skip
+
+
 def permalink_targets(data: Any) -> list[Target]:
     reads, writes = dig(data, "results", "reads"), dig(data, "results", "durable writes")
     worst_p99 = max((dig(row, "p99_ms") or 0 for row in (reads, writes)), default=None) if reads and writes else None
@@ -182,6 +194,7 @@ def chaos_targets(data: Any) -> list[Target]:
 TARGETS: dict[str, Callable[[Any], list[Target]]] = {
     "foundation.json": foundation_targets,
     "service.json": service_targets,
+    "service_sage.json": service_sage_targets,
     "permalinks.json": permalink_targets,
     "cluster_ops.json": cluster_targets,
     "chaos.json": chaos_targets,

@@ -8,6 +8,11 @@ a filesystem that already has the quota feature (the host kernel cannot mount it
 The cache key hashes the whole recipe: this script, the image's recipe file, the
 files copied into the image, and the package list. That list is derived from the
 roles' own `vars/Debian.yml` (`__<role>_packages`), so image and roles cannot drift.
+
+The Sage layer (passagemath, pinned in the app's requirements-sage.txt) is baked into
+its own venv at the prefix the cellserver_app role reads it from: cells compute Sage
+without downloading or compiling anything. Its wheels are downloaded once on this
+machine and kept in the cache, keyed by the requirements file.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Recipe:
     mask_units: list[str]
     files_dir: Path
     key: str
+    sage_requirements: Path | None = None
+    sage_prefix: str = ""
 
 
 def log(message: str) -> None:
@@ -78,6 +85,12 @@ def tree_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def sage_prefix(roles_dir: Path) -> str:
+    """Where the cellserver_app role expects the Sage layer: its default is the one place that says so."""
+    defaults = yaml.safe_load((roles_dir / "cellserver_app/defaults/main.yml").read_text()) or {}
+    return str(defaults["cellserver_app_sage_prefix"])
+
+
 def load_recipe(image_dir: Path, roles_dir: Path) -> Recipe:
     spec = yaml.safe_load((image_dir / "image.yml").read_text())
     skipped = frozenset(spec.get("roles_not_in_image", []))
@@ -87,6 +100,13 @@ def load_recipe(image_dir: Path, roles_dir: Path) -> Recipe:
     digest.update((image_dir / "image.yml").read_bytes())
     digest.update(tree_digest(image_dir / "files").encode())
     digest.update("\n".join(packages).encode())
+    sage_requirements, prefix = None, ""
+    if spec.get("sage_requirements"):
+        # Relative to the repository (two levels above images/<name>/).
+        sage_requirements = image_dir.parent.parent / spec["sage_requirements"]
+        prefix = sage_prefix(roles_dir)
+        digest.update(sage_requirements.read_bytes())
+        digest.update(prefix.encode())
     return Recipe(
         name=spec["name"],
         suite=spec["suite"],
@@ -99,6 +119,8 @@ def load_recipe(image_dir: Path, roles_dir: Path) -> Recipe:
         disable_units=list(spec.get("disable_units", [])),
         files_dir=image_dir / "files",
         key=digest.hexdigest()[:16],
+        sage_requirements=sage_requirements,
+        sage_prefix=prefix,
     )
 
 
@@ -187,6 +209,46 @@ def configure(recipe: Recipe, root: Path) -> None:
     chroot(root, "update-initramfs", "-u", "-k", "all")
 
 
+def sage_wheels(requirements: Path, cache_dir: Path) -> Path:
+    """Every wheel of the Sage layer, downloaded once per requirements file (binary wheels only: nothing is
+    compiled, here or on a cell). The image's Python and this one are both 3.11 on x86_64 Linux."""
+    key = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    wheels = cache_dir / "sage-wheels" / key
+    if (wheels / "requirements.txt").exists():
+        log(f"Sage wheels cached: {wheels}")
+        return wheels
+    partial = wheels.with_name(f".{key}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    log(f"downloading the Sage layer's wheels ({requirements.name})")
+    run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--no-deps",
+         "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+         "--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64",
+         "-r", str(requirements), "-d", str(partial)])  # fmt: skip
+    shutil.copy2(requirements, partial / "requirements.txt")
+    for stale in wheels.parent.glob("[!.]*"):
+        shutil.rmtree(stale, ignore_errors=True)  # one generation: the wheels are large
+    partial.rename(wheels)
+    return wheels
+
+
+def install_sage(recipe: Recipe, root: Path, cache_dir: Path) -> None:
+    """A venv at the Sage prefix with the pinned passagemath set, installed inside the tree from the cached
+    wheels with the image's own Python (bind-mounted in a private mount namespace, nothing stays mounted)."""
+    assert recipe.sage_requirements is not None
+    wheels = sage_wheels(recipe.sage_requirements, cache_dir)
+    log(f"installing the Sage layer into {recipe.sage_prefix}")
+    mount_point = root / "mnt/sage-wheels"
+    mount_point.mkdir(parents=True, exist_ok=True)
+    prefix = recipe.sage_prefix
+    install = (f"/usr/bin/python3 -m venv {prefix} && {prefix}/bin/pip install --quiet --no-index "
+               "--disable-pip-version-check --find-links /mnt/sage-wheels "
+               "-r /mnt/sage-wheels/requirements.txt")  # fmt: skip
+    script = 'mount -t proc proc "$1/proc" && mount --bind "$2" "$1/mnt/sage-wheels" && chroot "$1" sh -c "$3"'
+    run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root), str(wheels), install],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})  # fmt: skip
+    mount_point.rmdir()
+
+
 def label_selinux(root: Path) -> None:
     """Label the tree now: relabelling on first boot costs ~3 minutes and a reboot under emulation."""
     log("applying SELinux labels")
@@ -269,6 +331,8 @@ def build(recipe: Recipe, cache_dir: Path) -> Path:
     log(f"building {recipe.name} (recipe key {recipe.key}); this takes a few minutes")
     debootstrap(recipe, root, cache_dir)
     configure(recipe, root)
+    if recipe.sage_requirements is not None:
+        install_sage(recipe, root, cache_dir)
     label_selinux(root)
     make_disk(recipe, root, out_dir)
     seconds = time.monotonic() - started

@@ -78,3 +78,14 @@ def test_a_kernel_gets_the_address_space_its_kind_needs_unless_set() -> None:
 def test_allowed_origins_are_a_list() -> None:
     config = load(None, {"allowed_origins": "https://a.example  http://127.0.0.1:8000"})
     assert config.origins() == ("https://a.example", "http://127.0.0.1:8000")
+
+
+def test_a_sage_kernel_without_passagemath_is_refused_at_the_check(tmp_path: Path) -> None:
+    # The app's own venv has no passagemath: the check says what is missing instead of a provider that dies.
+    path = write(tmp_path, 'kernel = "sage"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "cellserver", "serve", "--config", str(path), "--check"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "kernel = sage needs passagemath" in result.stderr

@@ -4,6 +4,7 @@ and the requests WeBWorK servers send. Needs the Sage environment `make sage` bu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,9 @@ import pytest
 
 from conftest import Service, compute_server, sage_python
 
-PROBE = Path(__file__).resolve().parents[2] / "tests" / "clients" / "sagecell_service_probe.py"
+CLIENTS = Path(__file__).resolve().parents[2] / "tests" / "clients"
+PROBE = CLIENTS / "sagecell_service_probe.py"
+WEBWORK = [tuple(request) for request in json.loads((CLIENTS / "webwork_requests.json").read_text())["requests"]]
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +45,7 @@ def test_sagemathcells_own_monitoring_probe_passes(sage: Service) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(
-    ("code", "stdout"),
-    [
-        ("print(factor(2^128+1))", "59649589127497217 * 5704689200685129054721\n"),
-        ("print(latex(integrate(x*sin(x), x)))", "-x \\cos\\left(x\\right) + \\sin\\left(x\\right)\n"),
-        ("print(matrix(QQ, [[1,2],[3,4]]).inverse())", "[  -2    1]\n[ 3/2 -1/2]\n"),
-        ("print(solve(x^2 - 2 == 0, x))", "[\nx == -sqrt(2),\nx == sqrt(2)\n]\n"),
-    ],
-)
+@pytest.mark.parametrize(("code", "stdout"), WEBWORK)
 def test_webwork_requests_get_sages_answers(sage: Service, code: str, stdout: str) -> None:
     answer = compute(sage, code)
     assert (answer["success"], answer["stdout"]) == (True, stdout), answer
@@ -88,3 +83,19 @@ def test_the_cpu_limit_holds_for_sage_kernels(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert answer["success"] is False and answer["execute_reply"]["ename"] == "KernelDied", answer
+
+
+WARM_UP = "from cellserver import sage_environment as s; {keep}s.provide_sage_globals(); s.warm_up(); print('warm')"
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_provider_without_a_writable_home_keeps_sages_state_elsewhere(tmp_path: Path, kept: bool) -> None:
+    # The provider service's home is read-only: Sage (~/.sage), Maxima (~/.maxima) and matplotlib write at
+    # import and warm-up, and without a directory of their own the provider cannot start at all.
+    keep = f"s.keep_state_in(__import__('pathlib').Path({str(tmp_path)!r})); " if kept else ""
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("DOT_SAGE", "MAXIMA_USERDIR", "MPLCONFIGDIR")
+    }
+    result = subprocess.run([sage_python(), "-c", WARM_UP.format(keep=keep)], capture_output=True, text=True,
+                            timeout=300, env={**environment, "HOME": "/proc/1"}, check=False)  # fmt: skip
+    assert (result.returncode == 0 and result.stdout == "warm\n") == kept, result.stderr[-2000:]

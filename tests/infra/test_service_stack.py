@@ -11,9 +11,10 @@ import json
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from sending import concurrent_requests_command
+from sending import concurrent_requests_command, script_command
 
 from conftest import Node
 
@@ -49,6 +50,30 @@ def test_a_computation_through_the_load_balancer(lab: dict[str, Node]) -> None:
     assert status == 200, body
     assert json.loads(body)["stdout"] == "42\n"
     assert headers["strict-transport-security"].startswith("max-age=")
+
+
+CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+
+
+def test_sagemathcells_own_monitoring_probe_passes_through_the_load_balancer(lab: dict[str, Node]) -> None:
+    # Upstream's sagecell-service.py request and check: show(plot(sin)) then a random sum, accepted_tos=true.
+    # Sent from the load balancer host itself: each test here uses its own client, under the per-client limit.
+    # Up to 120 s per try instead of upstream's 15: an emulated cell spends tens of seconds on the plot.
+    lb = load_balancer(lab)
+    probe = lb.host.run(
+        script_command(CLIENTS / "sagecell_service_probe.py", f"https://{lb.address}", "--insecure", "--timeout", "120")
+    )
+    assert probe.rc == 0, probe.stdout + probe.stderr
+
+
+def test_webwork_requests_get_sages_answers_through_the_load_balancer(lab: dict[str, Node]) -> None:
+    lb = load_balancer(lab)
+    data = next(node for node in lab.values() if "permalink_db" in node.groups)
+    for code, stdout in json.loads((CLIENTS / "webwork_requests.json").read_text())["requests"]:
+        [(status, _headers, body)] = send(data, f"https://{lb.address}/service", "POST",
+                                          {"code": code, "accepted_tos": "true"})  # fmt: skip
+        assert status == 200, body
+        assert json.loads(body)["stdout"] == stdout, (code, body)
 
 
 def test_plain_http_is_redirected_to_https(lab: dict[str, Node]) -> None:

@@ -16,3 +16,8 @@ def concurrent_requests_command(url: str, method: str, fields: dict[str, str], c
     """Shell command for a VM: `count` requests to url at once; it prints [[status, headers, body], ...] as JSON."""
     script = (SCRIPTS / "concurrent_requests.py").read_text()
     return shlex.join(["python3", "-c", script, url, method, json.dumps(fields), str(count)])
+
+
+def script_command(script: Path, *arguments: str) -> str:
+    """Shell command for a VM that runs a script of this checkout with its arguments."""
+    return shlex.join(["python3", "-c", script.read_text(), *arguments])

@@ -41,6 +41,12 @@ def test_a_package_variable_that_is_not_a_list_is_refused(tmp_path: Path) -> Non
         build_image.role_packages(tmp_path)
 
 
+def test_the_real_recipe_bakes_the_sage_layer_where_the_role_looks() -> None:
+    recipe = build_image.load_recipe(PROJECT_ROOT / "images/debian12", PROJECT_ROOT / "roles")
+    assert recipe.sage_requirements == PROJECT_ROOT / "app/requirements-sage.txt"
+    assert recipe.sage_prefix == "/opt/cellfleet-sage"
+
+
 def test_the_real_recipe_holds_every_base_role_package() -> None:
     recipe = build_image.load_recipe(PROJECT_ROOT / "images/debian12", PROJECT_ROOT / "roles")
     for package in ("openssh-server", "nftables", "systemd-timesyncd", "netbase"):
@@ -54,6 +60,10 @@ def recipe_copy(tmp_path: Path) -> tuple[Path, Path]:
     shutil.copytree(PROJECT_ROOT / "images/debian12", image_dir)
     roles_dir = tmp_path / "roles"
     write_role_vars(roles_dir, "base", "Debian", "__base_packages: [nftables]\n")
+    (tmp_path / "app").mkdir()
+    shutil.copy2(PROJECT_ROOT / "app/requirements-sage.txt", tmp_path / "app")
+    (roles_dir / "cellserver_app/defaults").mkdir(parents=True)
+    shutil.copy2(PROJECT_ROOT / "roles/cellserver_app/defaults/main.yml", roles_dir / "cellserver_app/defaults")
     return image_dir, roles_dir
 
 
@@ -62,7 +72,7 @@ def test_cache_key_is_stable_for_an_unchanged_recipe(recipe_copy: tuple[Path, Pa
     assert build_image.load_recipe(image_dir, roles_dir).key == build_image.load_recipe(image_dir, roles_dir).key
 
 
-@pytest.mark.parametrize("change", ["role package", "image file", "file mode", "recipe"])
+@pytest.mark.parametrize("change", ["role package", "image file", "file mode", "recipe", "sage", "sage prefix"])
 def test_cache_key_changes_with_any_part_of_the_recipe(recipe_copy: tuple[Path, Path], change: str) -> None:
     image_dir, roles_dir = recipe_copy
     before = build_image.load_recipe(image_dir, roles_dir).key
@@ -72,8 +82,14 @@ def test_cache_key_changes_with_any_part_of_the_recipe(recipe_copy: tuple[Path, 
         (image_dir / "files/etc/fstab").write_text("/dev/vda / ext4 defaults 0 1\n")
     elif change == "file mode":
         (image_dir / "files/etc/fstab").chmod(0o600)
+    elif change == "sage":
+        requirements = image_dir.parent.parent / "app/requirements-sage.txt"
+        requirements.write_text(requirements.read_text() + "passagemath-graphs==10.8.13\n")
+    elif change == "sage prefix":
+        defaults = roles_dir / "cellserver_app/defaults/main.yml"
+        defaults.write_text(defaults.read_text().replace("/opt/cellfleet-sage", "/opt/sage"))
     else:
-        (image_dir / "image.yml").write_text((image_dir / "image.yml").read_text().replace("4G", "6G"))
+        (image_dir / "image.yml").write_text((image_dir / "image.yml").read_text().replace("8G", "9G"))
     assert build_image.load_recipe(image_dir, roles_dir).key != before
 
 

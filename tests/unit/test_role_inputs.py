@@ -71,6 +71,8 @@ BAD_INPUT = [
     ("cell_server", {"cell_server_kernel": "julia"}, "cell_server_kernel must be one of: python3, sage"),
     ("cell_server", {"cell_server_kernel_runtime_dir": "/var/kernels"}, "must be under /run"),
     ("cell_server", {"cell_server_memory_mb": "lots"}, "cell_server_memory_mb"),
+    ("cell_server", {"cell_server_memory_mb": 32}, "memory 0 (the kernel's own need) or at least 64 MiB"),
+    ("cell_server", {"cell_server_allowed_origins": ["course.example"]}, "each allowed origin scheme://host"),
     ("haproxy", {"haproxy_rate_limit_per_ip": 50, "haproxy_rate_limit_total": 10}, "the total at least the per-IP"),
     ("haproxy", {"haproxy_check_fall": 0}, "fall and rise at"),
     ("haproxy", {"haproxy_rate_limit_exempt": ["monitoring.example"]}, "(not: monitoring.example)"),
@@ -79,6 +81,7 @@ BAD_INPUT = [
     ("permalink_db", {"permalink_db_backend": "mysql"}, "permalink_db_backend must be one of: postgresql, sqlite"),
     ("permalink_db", {"permalink_db_name": "Perma-Links"}, "plain lowercase identifier (got Perma-Links)"),
     ("permalink_db", {"permalink_db_backup_keep": 0}, "keep at least 1 backup"),
+    ("permalink_db", {"permalink_db_allowed_origins": ["https://a.example/page"]}, "each allowed origin scheme://host"),
     ("private_network", {"private_network_address": ""}, "IPv4 address in the mesh (got '')"),
     (
         "private_network",

@@ -164,6 +164,10 @@ def run_kernel_provider(args: argparse.Namespace) -> None:
         return
     if os.geteuid() != 0:
         sys.exit("cellserver kernel-provider: the service mode changes uids and must run as root")
+    if args.kernel == "sage":
+        from cellserver.sage_environment import keep_state_in
+
+        keep_state_in(args.socket.parent / "sage")
     try:
         pool = load_worker_pool(args.worker_pool)
     except WorkerPoolError as error:
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         try:
             config = serve_config(args)
+            config_module.check_kernel_installed(config)
         except config_module.ConfigError as error:
             # One line, no traceback: the operator fixes the value and starts again.
             print(f"cellserver: {error}", file=sys.stderr)

@@ -142,3 +142,13 @@ def load(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
             raise ConfigError(f"{path}: not valid TOML ({error})") from None
         config = apply(config, values, str(path))
     return apply(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
+
+
+def check_kernel_installed(config: ServerConfig) -> None:
+    """A Sage kernel needs passagemath in this Python environment: say so at the check, not at the first fork."""
+    import importlib.util
+
+    if config.kernel == "sage" and importlib.util.find_spec("sage") is None:
+        raise ConfigError(
+            "kernel = sage needs passagemath in this Python environment (the image's Sage layer, or `make sage`)"
+        )

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 import types
+from pathlib import Path
 
 log = logging.getLogger("cellserver.sage_environment")
 
@@ -24,6 +26,21 @@ DISTRIBUTION_PREFIX = "sage.all__sagemath_"
 BASE = ("sage.all__sagemath_environment", "sage.all__sagemath_objects", "sage.all__sagemath_repl",
         "sage.all__sagemath_categories")  # fmt: skip
 TOP = ("sage.all__sagemath_symbolics", "sage.all__sagemath_plot")
+
+
+# What Sage, Maxima and matplotlib write under HOME when they are imported or first used, and where to.
+STATE_DIRECTORIES = {"DOT_SAGE": "dot_sage", "MAXIMA_USERDIR": "maxima", "MPLCONFIGDIR": "matplotlib"}
+
+
+def keep_state_in(directory: Path) -> None:
+    """Give Sage, Maxima and matplotlib a directory of their own for what they write at import and warm-up.
+
+    The provider service has no writable home (its unit makes the system read-only): without this, importing
+    Sage fails creating ~/.sage. Kernels inherit the paths but not write access: they run as workers, and
+    what they write goes to their own home or temporary directory. Must run before anything imports Sage.
+    """
+    for variable, name in STATE_DIRECTORIES.items():
+        os.environ.setdefault(variable, str(directory / name))
 
 
 def distribution_modules() -> list[str]:
