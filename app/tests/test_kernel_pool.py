@@ -4,6 +4,7 @@ races between a stop and the background refill can be placed exactly instead of 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -50,7 +51,8 @@ class PoolOfStubKernels(KernelPool):
         await asyncio.sleep(0)
         kernel_id = f"k{len(self.started)}"
         self.started.append(kernel_id)
-        return Kernel(kernel_id, 0, None, ClientWithoutChannels(), asyncio.Event())  # type: ignore[arg-type]
+        # This process stands in for the kernel process: alive as long as the test runs.
+        return Kernel(kernel_id, os.getpid(), None, ClientWithoutChannels(), asyncio.Event())  # type: ignore[arg-type]
 
 
 async def stop_right_after_a_wakeup(steps_between: int) -> tuple[float, PoolOfStubKernels]:

@@ -321,3 +321,31 @@ def test_each_kernel_works_in_a_directory_of_its_own_removed_after_it(compute: S
     while Path(first).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(first).exists(), "a released kernel's directory stayed"
+
+
+def test_a_provider_that_stopped_answering_is_not_called_busy(tmp_path: Path) -> None:
+    # Its slots are never given back, so the pool looks full; the health timer leaves a busy cell alone and
+    # must restart this one, so the answer says which it is.
+    server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "1")
+    server.start()
+    assert server.process is not None
+    try:
+        used = int(run(server, "import os; print(os.getpid())")[2]["stdout"])
+        provider = min(descendants(server.process.pid))
+        deadline = time.monotonic() + 30
+        # Frozen once the used kernel is released and its replacement waits in the reserve: nothing in flight.
+        while (
+            descendants(provider) - {used} == set() or used in descendants(provider)
+        ) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(provider, signal.SIGSTOP)
+        for kernel in descendants(provider):
+            os.kill(kernel, signal.SIGKILL)
+        # Up to a kernel start's patience (30 s) if the reserve kernel was still starting when it was frozen.
+        status, headers, body = server.request("POST", "/service", {"code": "1"}, timeout=60)
+        os.kill(provider, signal.SIGCONT)
+    finally:
+        server.stop()
+    assert status == 503, body
+    assert json.loads(body)["error"] == "the kernel provider is not answering; retry later"
+    assert headers["Retry-After"].isdigit()

@@ -57,7 +57,8 @@ def test_what_a_computation_leaves_is_gone_after_its_answer(cell: Cell) -> None:
         "import os, time\n"
         "pid = os.fork()\n"
         "if pid == 0:\n    os.setsid(); os.execvp('sleep', ['sleep', '600'])\n"
-        "while os.getsid(pid) != pid:\n    time.sleep(0.05)\n"
+        # float(): with the Sage kernel 0.05 is a RealNumber, which time.sleep refuses (as in any Sage).
+        "while os.getsid(pid) != pid:\n    time.sleep(float(0.05))\n"
         "for path in (os.path.expanduser('~/left-behind'), '/tmp/left-behind', '/dev/shm/left-behind'):\n"
         "    open(path, 'w').write('x')\n"
         "print(os.getuid(), pid)\n"
@@ -217,6 +218,8 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     # The port still answers, but no computation can run: the provider is frozen and the reserve kernels
     # are killed behind its back (it cannot reap them nor tell the server).
     assert cell.host.service("cellfleet-cell-health.timer").is_running
+    # A check the timer started before the fault would answer `systemctl start` with its own success.
+    cell.host.run_test("systemctl stop cellfleet-cell-health.timer cellfleet-cell-health.service")
     provider = main_pid(cell.host, "cellfleet-kernel-provider")
     server = main_pid(cell.host, "cellserver")
     cell.host.run_test(f"kill -STOP {provider}")
@@ -226,6 +229,7 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
         check = cell.host.run("systemctl start cellfleet-cell-health.service")
     finally:
         cell.host.run(f"kill -CONT {provider}")
+        cell.host.run("systemctl start cellfleet-cell-health.timer")
     assert check.rc != 0
     log = cell.host.check_output("journalctl -u cellfleet-cell-health --since '-5min' --no-pager")
     assert "restarting cellserver.service" in log and "failed" in log

@@ -115,6 +115,15 @@ class ProviderLink:
             raise ProviderError(f"kernel provider: {result['error']}", busy=bool(result.get("busy")))
         return result
 
+    async def answers(self, within: float) -> bool:
+        """Whether the provider answers a hello within `within` seconds. It answers between worker resets and
+        kernel starts (those run beside its loop), so silence means it is stopped or hung, not busy."""
+        try:
+            await asyncio.wait_for(self.request({"op": "hello"}), timeout=within)
+        except (asyncio.TimeoutError, ProviderError):
+            return False
+        return True
+
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         try:
             while line := await reader.readline():
@@ -171,16 +180,15 @@ class Kernel:
     ready_since: float = field(default_factory=time.monotonic)
 
     def alive(self) -> bool:
-        """Not reported dead by the provider, and its process still exists (EPERM: it does, as a worker)."""
+        """Not reported dead by the provider, and its process still runs: a zombie is dead too (its provider
+        has not reaped it yet, or cannot: it is stopped)."""
         if self.died.is_set():
             return False
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             return False
-        except PermissionError:
-            pass
-        return True
+        return state not in ("Z", "X")
 
 
 class KernelPool:
@@ -236,12 +244,14 @@ class KernelPool:
             self._waiters.remove(ticket)
 
     async def _acquire(self, ticket: object) -> Kernel:
-        deadline = time.monotonic() + self.settings.acquire_wait
+        arrived = time.monotonic()
+        deadline = arrived + self.settings.acquire_wait
         while True:
             if self._waiters.index(ticket) < self._refilling:
-                # One of the kernels on their way to the reserve will be this request's: worth waiting for.
-                # Requests beyond those kernels are overload, which answers 503 after the short wait, not a queue.
-                deadline = max(deadline, time.monotonic() + self.settings.start_timeout)
+                # One of the kernels on their way to the reserve will be this request's: worth waiting for, as
+                # long as a start may take from this request's arrival. Requests beyond those kernels are
+                # overload, which answers 503 after the short wait, not a queue.
+                deadline = max(deadline, arrived + self.settings.start_timeout)
             with contextlib.suppress(asyncio.QueueEmpty):
                 kernel = self._ready.get_nowait()
                 self._wakeup.set()
