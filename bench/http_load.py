@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 import subprocess
@@ -17,6 +18,15 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def server_load_arguments(description: str) -> argparse.Namespace:
+    """The options every laptop-server benchmark takes: seconds per load, the server's kernels and reserve."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--max-kernels", type=int, default=16)
+    parser.add_argument("--preforked", type=int, default=8)
+    return parser.parse_args()
 
 
 def percentile(values: list[float], fraction: float) -> float:

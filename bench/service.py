@@ -8,7 +8,6 @@ Targets (issue 4): >= 20 computations/s at concurrency 8, p50 <= 100 ms at concu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import urllib.parse
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from tornado.httpclient import HTTPRequest
 
-from http_load import cellserver, drive, percentile
+from http_load import cellserver, drive, percentile, server_load_arguments
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "service.json"
@@ -28,11 +27,7 @@ def request_factory(url: str) -> HTTPRequest:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--max-kernels", type=int, default=16)
-    parser.add_argument("--preforked", type=int, default=8)
-    args = parser.parse_args()
+    args = server_load_arguments(__doc__.splitlines()[0])
     results = {}
     options = ("serve", "--max-kernels", str(args.max_kernels), "--preforked", str(args.preforked))
     with cellserver(*options) as url:

@@ -11,7 +11,6 @@ Upstream SageMathCell on this machine (issue 19): 1.67/s p50 613 ms (1), 1.90/s 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from tornado.httpclient import HTTPRequest
 
-from http_load import drive, percentile, running_cellserver
+from http_load import drive, percentile, running_cellserver, server_load_arguments
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "service_sage.json"
@@ -110,11 +109,7 @@ def measure(url: str, server: int, code: str, clients: int, seconds: float) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--max-kernels", type=int, default=16)
-    parser.add_argument("--preforked", type=int, default=8)
-    args = parser.parse_args()
+    args = server_load_arguments(__doc__.splitlines()[0])
     options = ("serve", "--kernel", "sage", "--max-kernels", str(args.max_kernels), "--preforked",
                str(args.preforked), "--syslog-socket", "/dev/null")  # fmt: skip
     results: dict[str, object] = {"settings": vars(args)}
