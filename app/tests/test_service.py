@@ -323,9 +323,9 @@ def test_each_kernel_works_in_a_directory_of_its_own_removed_after_it(compute: S
     assert not Path(first).exists(), "a released kernel's directory stayed"
 
 
-def test_a_provider_that_stopped_answering_is_not_called_busy(tmp_path: Path) -> None:
-    # Its slots are never given back, so the pool looks full; the health timer leaves a busy cell alone and
-    # must restart this one, so the answer says which it is.
+def test_a_zombie_reserve_kernel_is_not_handed_out(tmp_path: Path) -> None:
+    # A reserve kernel killed behind a stopped provider stays a zombie (nothing reaps it, nobody reports its
+    # death). Handed out, the computation waited its whole wall limit on a dead kernel; it is refused instead.
     server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "1")
     server.start()
     assert server.process is not None
@@ -347,5 +347,5 @@ def test_a_provider_that_stopped_answering_is_not_called_busy(tmp_path: Path) ->
     finally:
         server.stop()
     assert status == 503, body
-    assert json.loads(body)["error"] == "the kernel provider is not answering; retry later"
+    assert json.loads(body)["error"] == "every kernel is busy; retry later"
     assert headers["Retry-After"].isdigit()

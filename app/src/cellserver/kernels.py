@@ -115,15 +115,6 @@ class ProviderLink:
             raise ProviderError(f"kernel provider: {result['error']}", busy=bool(result.get("busy")))
         return result
 
-    async def answers(self, within: float) -> bool:
-        """Whether the provider answers a hello within `within` seconds. It answers between worker resets and
-        kernel starts (those run beside its loop), so silence means it is stopped or hung, not busy."""
-        try:
-            await asyncio.wait_for(self.request({"op": "hello"}), timeout=within)
-        except (asyncio.TimeoutError, ProviderError):
-            return False
-        return True
-
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         try:
             while line := await reader.readline():

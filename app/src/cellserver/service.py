@@ -20,7 +20,6 @@ from cellserver.permalinks import PermalinkStore
 
 RETRY_AFTER_SECONDS = 5
 HEALTH_TIMEOUT_SECONDS = 10.0
-PROVIDER_PATIENCE_SECONDS = 5.0  # a provider that has not answered a hello by then is stopped or hung
 
 
 async def execute(kernel: Kernel, code: str, user_expressions: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -92,13 +91,6 @@ class ServiceHandler(PublicAPIHandler):
             self.fail(503, "a kernel failed to start; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
         except KernelsBusyError:
-            # Every slot taken can also mean slots never given back: a provider that stopped answering holds
-            # them all. Saturation leaves a cell alone; a silent provider is a fault the health check acts on.
-            if not await self.pool.provider.answers(PROVIDER_PATIENCE_SECONDS):
-                self.fail(
-                    503, "the kernel provider is not answering; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)}
-                )
-                return
             self.fail(503, "every kernel is busy; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
         started = time.monotonic()
