@@ -89,23 +89,35 @@ class PoolOfSlowKernels(PoolOfStubKernels):
         return await super()._start_kernel()
 
 
-async def overload(requests: int) -> list[tuple[str, float]]:
-    """requests at once to a pool whose two kernels are still starting: each one's outcome and wait."""
-    pool = PoolOfSlowKernels(PoolSettings(max_kernels=2, preforked=2, acquire_wait=0.5, start_timeout=20))
+async def burst(
+    requests: int, max_kernels: int, reserve_ready: bool, apart: float = 0.0, hold: float = 0.0
+) -> list[tuple[str, float]]:
+    """requests, apart seconds one after the other, to a pool of slow kernels that keeps two in reserve: each
+    one's outcome and wait. Each kernel is held hold seconds. The reserve is either full or both its kernels
+    are still starting."""
+    settings = PoolSettings(max_kernels=max_kernels, preforked=2, acquire_wait=0.5, start_timeout=20)
+    pool = PoolOfSlowKernels(settings)
     await pool.start()
-    await asyncio.sleep(0.1)  # the refill has started both kernels
+    if reserve_ready:
+        while pool._ready.qsize() < settings.preforked:
+            await asyncio.sleep(0.05)
+    else:
+        await asyncio.sleep(0.1)  # the refill has started both kernels
 
-    async def one() -> tuple[str, float]:
+    async def one(place: int) -> tuple[str, float]:
+        await asyncio.sleep(place * apart)
         started = time.monotonic()
         try:
             kernel = await pool.acquire()
         except KernelsBusyError:
             return "busy", time.monotonic() - started
+        waited = time.monotonic() - started
+        await asyncio.sleep(hold)
         pool.release(kernel)
-        return "kernel", time.monotonic() - started
+        return "kernel", waited
 
     try:
-        return await asyncio.gather(*(one() for _ in range(requests)))
+        return await asyncio.gather(*(one(place) for place in range(requests)))
     finally:
         await pool.stop()
 
@@ -113,8 +125,17 @@ async def overload(requests: int) -> list[tuple[str, float]]:
 def test_overload_is_refused_at_once_not_queued_behind_starting_kernels() -> None:
     # Every request used to wait up to the start timeout while any kernel was starting: under overload
     # with slow kernels, minutes of queue instead of a 503.
-    outcomes = asyncio.run(overload(6))
+    outcomes = asyncio.run(burst(6, max_kernels=2, reserve_ready=False))
     kernels = [waited for outcome, waited in outcomes if outcome == "kernel"]
     refused = [waited for outcome, waited in outcomes if outcome == "busy"]
     assert len(kernels) == 2, outcomes  # the two kernels on their way went to the first two requests
     assert len(refused) == 4 and max(refused) < 1.0, outcomes
+
+
+def test_as_many_requests_as_kernels_all_get_one() -> None:
+    # Two take the reserve, four start their own, and the last two wait for the reserve's refill. Those two
+    # used to count the four starting their own as ahead of them in line and were refused: a full pool of
+    # eight workers ran six computations.
+    computation = PoolOfSlowKernels.START_SECONDS * 3  # still running when the last request is answered
+    outcomes = asyncio.run(burst(8, max_kernels=8, reserve_ready=True, apart=0.01, hold=computation))
+    assert [outcome for outcome, _ in outcomes] == ["kernel"] * 8, outcomes

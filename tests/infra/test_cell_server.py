@@ -67,7 +67,7 @@ def test_what_a_computation_leaves_is_gone_after_its_answer(cell: Cell) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         left = cell.host.run(f"ps -o pid= -u {uid}").stdout
-        left += cell.in_kernels_view(f"find / -xdev -user {uid} -name left-behind")
+        left += cell.in_kernels_view(f"find / -xdev -ignore_readdir_race -user {uid} -name left-behind")
         if pid not in left.split() and "left-behind" not in left:
             break
         time.sleep(1)
@@ -223,6 +223,9 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     provider = main_pid(cell.host, "cellfleet-kernel-provider")
     server = main_pid(cell.host, "cellserver")
     cell.host.run_test(f"kill -STOP {provider}")
+    # Its forks too: one still starting runs as root until it becomes its worker, out of reach of a kill by
+    # uid, and would come up as a working kernel. Its worker resets (another command line) finish.
+    cell.host.run(f"pkill -KILL -P {provider} -f 'cellserver kernel-provider'")
     for uid in cell.uids:
         cell.host.run(f"pkill -KILL -U {uid}")
     try:

@@ -196,6 +196,7 @@ class KernelPool:
         self._wakeup = asyncio.Event()
         self._refilling = 0  # reserve kernels being started right now
         self._waiters: list[object] = []  # requests waiting for a kernel, oldest first
+        self._launching: set[object] = set()  # those of them starting their own kernel right now
         self._stopping = False
 
     @property
@@ -238,7 +239,7 @@ class KernelPool:
         arrived = time.monotonic()
         deadline = arrived + self.settings.acquire_wait
         while True:
-            if self._waiters.index(ticket) < self._refilling:
+            if self._place_in_line(ticket) < self._refilling:
                 # One of the kernels on their way to the reserve will be this request's: worth waiting for, as
                 # long as a start may take from this request's arrival. Requests beyond those kernels are
                 # overload, which answers 503 after the short wait, not a queue.
@@ -251,6 +252,7 @@ class KernelPool:
                     continue
                 return kernel
             if self._live < self.max_kernels:
+                self._launching.add(ticket)
                 try:
                     return await self._launch()
                 except ProviderError as error:
@@ -260,6 +262,8 @@ class KernelPool:
                 except Exception as error:
                     log.error("starting a kernel on demand failed: %s", error)
                     raise KernelStartError(str(error)) from error
+                finally:
+                    self._launching.discard(ticket)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise KernelsBusyError()
@@ -273,6 +277,11 @@ class KernelPool:
                 self.release(kernel)
                 continue
             return kernel
+
+    def _place_in_line(self, ticket: object) -> int:
+        """How many requests wait for the reserve ahead of this one: those starting their own kernel do not."""
+        ahead = self._waiters[: self._waiters.index(ticket)]
+        return sum(1 for other in ahead if other not in self._launching)
 
     def release(self, kernel: Kernel) -> None:
         """Single use: the provider kills the kernel and everything it started, and resets its worker."""
