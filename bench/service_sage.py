@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -89,6 +90,15 @@ def memory(server: int) -> dict[str, float]:
     }
 
 
+def wait_for_reserve(server: int, preforked: int, patience: float = 60.0) -> None:
+    """Until the provider (the server's first child) has its preforked kernels, which it starts a few at a time."""
+    deadline = time.monotonic() + patience
+    while len(descendants(min(descendants(server)))) < preforked:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the reserve of {preforked} kernels did not fill within {patience:g} s")
+        time.sleep(0.2)
+
+
 def request(url: str, code: str) -> HTTPRequest:
     body = urllib.parse.urlencode({"code": code, "accepted_tos": "true"})
     return HTTPRequest(f"{url}/service", method="POST", body=body, request_timeout=120)
@@ -114,7 +124,8 @@ def main() -> None:
                str(args.preforked), "--syslog-socket", "/dev/null")  # fmt: skip
     results: dict[str, object] = {"settings": vars(args)}
     with running_cellserver(*options, python=sage_python()) as (url, server):
-        asyncio.run(drive(lambda: request(url, "print(1)"), 1, 5.0))  # warm-up: fills the preforked reserve
+        asyncio.run(drive(lambda: request(url, "print(1)"), 1, 5.0))  # warm-up
+        wait_for_reserve(server.pid, args.preforked)
         results["memory_idle"] = memory(server.pid)
         for name, code in CODES.items():
             for clients in (1, 8, 32):

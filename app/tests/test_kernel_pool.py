@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import time
 from typing import Any
 
 import pytest
 
-from cellserver.kernels import STOP_PATIENCE_SECONDS, Kernel, KernelPool, KernelsBusyError, PoolSettings
+from cellserver.kernels import (
+    IOPUB_PATIENCE_SECONDS,
+    KERNEL_INFO_PATIENCE_SECONDS,
+    STOP_PATIENCE_SECONDS,
+    Kernel,
+    KernelPool,
+    KernelsBusyError,
+    PoolSettings,
+    wait_for_answers,
+)
 
 
 class InstantProvider:
@@ -139,3 +149,50 @@ def test_as_many_requests_as_kernels_all_get_one() -> None:
     computation = PoolOfSlowKernels.START_SECONDS * 3  # still running when the last request is answered
     outcomes = asyncio.run(burst(8, max_kernels=8, reserve_ready=True, apart=0.01, hold=computation))
     assert [outcome for outcome, _ in outcomes] == ["kernel"] * 8, outcomes
+
+
+class ScriptedClient:
+    """Answers kernel_info as a starting kernel does: replies on the shell channel, and output messages that
+    arrive only once the output channel's subscription has reached the kernel."""
+
+    def __init__(self, silent_requests: int, unsubscribed_requests: int) -> None:
+        self.silent_requests = silent_requests
+        self.unsubscribed_requests = unsubscribed_requests
+        self.asked = 0
+        self.statuses = 0
+
+    def kernel_info(self) -> str:
+        self.asked += 1
+        if self.asked > self.silent_requests + self.unsubscribed_requests:
+            self.statuses += 1
+        return f"m{self.asked}"
+
+    async def get_shell_msg(self, timeout: float) -> dict[str, Any]:
+        if self.asked <= self.silent_requests:
+            await asyncio.sleep(timeout)
+            raise queue.Empty
+        return {"msg_type": "kernel_info_reply", "parent_header": {"msg_id": f"m{self.asked}"}}
+
+    async def get_iopub_msg(self, timeout: float) -> dict[str, Any]:
+        if not self.statuses:
+            await asyncio.sleep(timeout)
+            raise queue.Empty
+        self.statuses -= 1
+        return {"msg_type": "status"}
+
+
+def test_a_starting_kernel_is_asked_again_until_both_channels_answer() -> None:
+    client = ScriptedClient(silent_requests=1, unsubscribed_requests=2)
+    started = time.monotonic()
+    asyncio.run(wait_for_answers(client, timeout=10))  # type: ignore[arg-type]
+    assert client.asked == 4
+    # No quiet period after the answer: one silent shell wait and two output waits, nothing more.
+    assert time.monotonic() - started < KERNEL_INFO_PATIENCE_SECONDS + 2 * IOPUB_PATIENCE_SECONDS + 0.1
+
+
+def test_a_kernel_that_never_answers_is_given_up_at_the_start_timeout() -> None:
+    client = ScriptedClient(silent_requests=1000, unsubscribed_requests=0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not answer within 2\.5 s"):
+        asyncio.run(wait_for_answers(client, timeout=2.5))  # type: ignore[arg-type]
+    assert 2.5 <= time.monotonic() - started < 3.0

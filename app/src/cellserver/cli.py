@@ -27,7 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--preforked", type=int, help="ready kernels kept in reserve (default 2)")
     serve.add_argument("--timeout", type=float, help="wall seconds per computation (default 30)")
     serve.add_argument("--permalink-url", help="the permalink service, e.g. http://127.0.0.1:8889")
-    serve.add_argument("--syslog-socket", help="where the computation log goes, facility local3 (default /dev/log)")
+    serve.add_argument("--syslog-socket", help="computation log socket, local3 (default /dev/log; no socket: no log)")
     serve.add_argument("--check", action="store_true", help="check the settings, print them, start nothing")
     serve.add_argument("--provider-socket", help="socket of the root kernel provider that runs pooled workers")
     serve.add_argument(

@@ -7,6 +7,7 @@ import json
 import logging
 import logging.handlers
 import os
+import stat
 
 import tornado.httputil
 
@@ -24,11 +25,20 @@ def origin(request: tornado.httputil.HTTPServerRequest) -> str:
     return first or request.remote_ip or "-"
 
 
+def is_socket(path: str) -> bool:
+    """Only a socket takes the log: anything else (no such path, /dev/null) means no computation log, rather
+    than a logging error on every computation."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def setup(syslog_socket: str = DEFAULT_SYSLOG_SOCKET) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    if os.path.exists(syslog_socket) and not logger.handlers:
+    if is_socket(syslog_socket) and not logger.handlers:
         handler = logging.handlers.SysLogHandler(
             address=syslog_socket, facility=logging.handlers.SysLogHandler.LOG_LOCAL3
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import grp
 import importlib
 import json
@@ -383,6 +384,7 @@ class Provider:
     # --- the loop ------------------------------------------------------------------------------------
 
     def run_forever(self, listener: socket.socket | None) -> None:
+        freeze_heap()
         if listener is not None:
             listener.setblocking(False)
             self.selector.register(listener, selectors.EVENT_READ, "listener")
@@ -406,6 +408,13 @@ class Provider:
                     self.drop_client(key.data)
                     if listener is None:
                         return  # the server that spawned this provider is gone
+
+
+def freeze_heap() -> None:
+    """Every object imported so far out of the garbage collector's reach: a kernel's collections would
+    otherwise walk them all, and each page they touch is copied from the provider's into the kernel's."""
+    gc.collect()
+    gc.freeze()
 
 
 def start_reset(settings: ProviderSettings, worker: Worker) -> subprocess.Popen[bytes]:

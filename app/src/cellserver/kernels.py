@@ -8,6 +8,7 @@ import getpass
 import json
 import logging
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq
+import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
 log = logging.getLogger("cellserver.kernels")
@@ -25,6 +28,13 @@ RUNTIME_PREFIX = "cellserver-kernels-"
 CONNECT_PATIENCE_SECONDS = 30.0
 SLOT_POLL_SECONDS = 0.05
 STOP_PATIENCE_SECONDS = 10.0  # how long a stopping server waits for running computations and releases
+# Reserve kernels started side by side: a start is CPU work now, and a refill that takes every core makes
+# the computations asked for meanwhile wait behind it. One core stays theirs.
+REFILL_AT_ONCE = max(1, len(os.sched_getaffinity(0)) - 1)
+# A client connecting before its new kernel has bound retries after this; zmq's default is 100 ms.
+RECONNECT_MILLISECONDS = 5
+KERNEL_INFO_PATIENCE_SECONDS = 1.0  # before asking a starting kernel again
+IOPUB_PATIENCE_SECONDS = 0.2  # for the first output message, which shows the output channel is subscribed
 
 
 def remove_stale_runtime_dirs() -> None:
@@ -136,6 +146,41 @@ class ProviderLink:
                 if not future.done():
                     future.set_result({"error": "the kernel provider is gone"})
             self._answers.clear()
+
+
+_client_context: zmq.asyncio.Context | None = None
+
+
+def client_context() -> zmq.asyncio.Context:
+    """One zmq context for every kernel client: a context of its own per client (jupyter_client's default)
+    starts and stops an I/O thread for every single-use kernel."""
+    global _client_context
+    if _client_context is None:
+        _client_context = zmq.asyncio.Context()
+        _client_context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MILLISECONDS)
+    return _client_context
+
+
+async def wait_for_answers(client: AsyncKernelClient, timeout: float) -> None:
+    """Until the kernel answers kernel_info on its shell channel and its output channel delivers a message.
+    jupyter_client's wait_for_ready does this too, then drains the output channel until it has been silent
+    for 0.2 s: a fixed wait on every start, and a fresh kernel has nothing to drain (replies are told
+    apart by their parent's id)."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        client.kernel_info()
+        try:
+            reply = await client.get_shell_msg(timeout=min(remaining, KERNEL_INFO_PATIENCE_SECONDS))
+        except queue.Empty:
+            continue
+        if reply["msg_type"] != "kernel_info_reply":
+            continue
+        try:
+            await client.get_iopub_msg(timeout=IOPUB_PATIENCE_SECONDS)
+        except queue.Empty:
+            continue  # subscribed too late for this reply's status messages: ask again
+        return
+    raise RuntimeError(f"the kernel did not answer within {timeout:g} s")
 
 
 class KernelsBusyError(Exception):
@@ -312,7 +357,7 @@ class KernelPool:
         answer = await self.provider.request(
             {"op": "start", "cpu_seconds": self.settings.cpu_seconds, "memory_bytes": self.settings.memory_bytes}
         )
-        client = AsyncKernelClient()
+        client = AsyncKernelClient(context=client_context())
         client.load_connection_info(answer["connection"])
         # No heartbeat channel: it declares a kernel dead after one silent second, which a busy machine (or an
         # emulated one) reaches while the kernel is fine. Deaths come from the provider, which reaps the pid.
@@ -330,7 +375,7 @@ class KernelPool:
         return kernel
 
     async def _wait_until_ready(self, kernel: Kernel) -> None:
-        ready = asyncio.ensure_future(kernel.client.wait_for_ready(timeout=self.settings.start_timeout))
+        ready = asyncio.ensure_future(wait_for_answers(kernel.client, self.settings.start_timeout))
         died = asyncio.ensure_future(kernel.died.wait())
         await asyncio.wait({ready, died}, return_when=asyncio.FIRST_COMPLETED)
         died.cancel()
@@ -348,10 +393,11 @@ class KernelPool:
             self._wakeup.clear()
             self._expire_idle()
             while not self._stopping:
-                wanted = min(self.settings.preforked - self._ready.qsize(), self.max_kernels - self._live)
+                wanted = min(
+                    self.settings.preforked - self._ready.qsize(), self.max_kernels - self._live, REFILL_AT_ONCE
+                )
                 if wanted <= 0:
                     break
-                # Started side by side: most of a start is waiting for the new kernel to answer.
                 self._refilling += wanted
                 try:
                     started = await asyncio.gather(*(self._launch() for _ in range(wanted)), return_exceptions=True)
