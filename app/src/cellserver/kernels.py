@@ -31,8 +31,11 @@ STOP_PATIENCE_SECONDS = 10.0  # how long a stopping server waits for running com
 # Reserve kernels started side by side: a start is CPU work now, and a refill that takes every core makes
 # the computations asked for meanwhile wait behind it. One core stays theirs.
 REFILL_AT_ONCE = max(1, len(os.sched_getaffinity(0)) - 1)
-# A client connecting before its new kernel has bound retries after this; zmq's default is 100 ms.
+# A client connecting before its new kernel has bound retries after RECONNECT_MILLISECONDS (zmq's default
+# is 100 ms), doubled at each try up to zmq's default: a kernel slow to start (an emulated machine) is not
+# polled hundreds of times a second.
 RECONNECT_MILLISECONDS = 5
+RECONNECT_MAX_MILLISECONDS = 100
 KERNEL_INFO_PATIENCE_SECONDS = 1.0  # before asking a starting kernel again
 IOPUB_PATIENCE_SECONDS = 0.2  # for the first output message, which shows the output channel is subscribed
 
@@ -158,6 +161,7 @@ def client_context() -> zmq.asyncio.Context:
     if _client_context is None:
         _client_context = zmq.asyncio.Context()
         _client_context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MILLISECONDS)
+        _client_context.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MILLISECONDS)
     return _client_context
 
 
