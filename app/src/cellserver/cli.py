@@ -86,6 +86,7 @@ async def run_serve(config: ServerConfig) -> None:
     from cellserver import computation_log, systemd
     from cellserver.kernels import KernelPool, PoolSettings
     from cellserver.service import make_app
+    from cellserver.sessions import SessionManager
 
     # SIGTERM (systemd, tests) stops cleanly: kernels, the provider and their sockets go with the server.
     # Installed first, so a stop that comes while kernels are starting is not lost.
@@ -109,7 +110,11 @@ async def run_serve(config: ServerConfig) -> None:
         from cellserver.permalinks import SQLiteStore
 
         store = SQLiteStore(Path(config.permalink_db or ":memory:"))
-    app = make_app(pool, config, store)
+    sessions = SessionManager(
+        pool, config.session_idle_seconds, config.session_lifetime_seconds, config.sessions_per_client
+    )
+    sessions.start()
+    app = make_app(pool, config, store, sessions)
     http_server = app.listen(config.port, address=config.bind)
     systemd.notify("READY=1")
     interval = systemd.watchdog_interval()
@@ -130,6 +135,7 @@ async def run_serve(config: ServerConfig) -> None:
             watchdog.cancel()
         # No new computations while the running ones finish (a load balancer sends the next ones elsewhere).
         http_server.stop()
+        await sessions.stop()
         await pool.stop()
     if not stopping.is_set():
         # No kernel can start without a provider: exit, so systemd restarts the server and it reconnects.

@@ -47,6 +47,11 @@ class ServerConfig:
     allowed_origins: str = ""
     # HTML file of terms of service; when set, computations need accepted_tos=true (else 403).
     tos_file: str = ""
+    # Kernel sessions (POST /kernel): the longest idle timeout a page may ask for, the longest a session
+    # lives, and how many live sessions one page (its CellSessionID, else its address) may hold.
+    session_idle_seconds: float = 900.0
+    session_lifetime_seconds: float = 1800.0
+    sessions_per_client: int = 2
 
     def origins(self) -> tuple[str, ...]:
         return tuple(self.allowed_origins.split())
@@ -71,6 +76,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "cpu_seconds": (1, 86400),
     "memory_mb": (0, 1 << 20),
     "health_max_age": (0, 300),
+    "session_idle_seconds": (1, 86400),
+    "session_lifetime_seconds": (1, 7 * 86400),
+    "sessions_per_client": (1, 1000),
 }
 
 

@@ -47,7 +47,7 @@ os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 # Imported once here, inherited by every fork: this is the point of the provider.
 from ipykernel.kernelapp import IPKernelApp
 
-from cellserver import systemd
+from cellserver import sagecell_hooks, systemd
 from cellserver.worker_identity import Worker, WorkerPool, become_worker
 
 # Modules a kernel would otherwise import while it initialises, after the fork, every time (measured:
@@ -209,6 +209,7 @@ def prepare_kernel(
         json.dump(info, stream)
     app = IPKernelApp.instance()
     app.initialize(["-f", str(connection_file), *KERNEL_ARGUMENTS, *settings.kernel_arguments])
+    sagecell_hooks.install(app.kernel)
     os.umask(0o077)
     return app
 

@@ -17,6 +17,7 @@ from cellserver.config import ServerConfig
 from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
 from cellserver.kernels import Kernel, KernelPool, KernelsBusyError, KernelStartError
 from cellserver.permalinks import PermalinkStore
+from cellserver.sessions import SessionManager
 
 RETRY_AFTER_SECONDS = 5
 HEALTH_TIMEOUT_SECONDS = 10.0
@@ -214,12 +215,16 @@ class TermsHandler(JSONErrorHandler):
 
 
 def make_app(
-    pool: KernelPool, config: ServerConfig, permalink_store: PermalinkStore | None = None
+    pool: KernelPool,
+    config: ServerConfig,
+    permalink_store: PermalinkStore | None = None,
+    sessions: SessionManager | None = None,
 ) -> tornado.web.Application:
     """The compute server's routes. Permalinks go to the permalink service at config.permalink_url, or,
-    with no URL (a laptop), to permalink_store in this process."""
+    with no URL (a laptop), to permalink_store in this process. Kernel sessions need sessions."""
     from cellserver import page
     from cellserver.permalink_service import permalink_routes
+    from cellserver.session_handlers import MAX_MESSAGE_BYTES, session_routes
 
     if config.permalink_url:
         permalinks: list[Any] = [(r"/permalink", page.PermalinkForwardHandler, {"url": config.permalink_url})]
@@ -237,7 +242,9 @@ def make_app(
             (r"/health", HealthHandler, {"probe": health}),
             (r"/tos\.html", TermsHandler, {"terms": terms}),
             *permalinks,
+            *(session_routes(sessions) if sessions is not None else []),
         ],
+        websocket_max_message_size=MAX_MESSAGE_BYTES,
         static_path=str(page.STATIC_DIR),
         template_path=str(page.TEMPLATE_DIR),
         allowed_origins=config.origins(),

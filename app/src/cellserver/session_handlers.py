@@ -1,0 +1,171 @@
+"""`POST /kernel`, `DELETE /kernel/<id>` and the WebSocket `/kernel/<id>/channels`, as SageMathCell answers them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from typing import Any
+
+import tornado.web
+import tornado.websocket
+
+from cellserver.handlers import PublicAPIHandler, origin_allowed
+from cellserver.kernels import KernelsBusyError, KernelStartError
+from cellserver.service import RETRY_AFTER_SECONDS
+from cellserver.sessions import BadMessageError, SessionManager, TooManySessionsError, message_for_kernel
+
+# Larger messages close the connection (code 1009): code is limited to 65,000 characters, and even as
+# JSON escapes that stays well under this.
+MAX_MESSAGE_BYTES = 1 << 20
+# Upstream's words for a page over its cap, so its pages show them.
+TOO_MANY_KERNELS = (
+    "This page requested too many simultaneous kernels. Please wait for existing computations to finish, "
+    "reload the page, or contact the author of this page for assistance."
+)
+
+
+def client_key(handler: tornado.web.RequestHandler) -> str:
+    """Whose kernels count together against the cap: the page's cell session when it names one (upstream's
+    `CellSessionID`), otherwise the client's address (the first proxy's view of it)."""
+    cell_session = handler.get_argument("CellSessionID", "")
+    if cell_session:
+        return f"cell-session:{cell_session}"
+    forwarded = handler.request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+    return f"address:{forwarded or handler.request.remote_ip}"
+
+
+def requested_timeout(value: str) -> float | None:
+    """The page's idle timeout in seconds ("inf" allowed), or None when it is not a number >= 0."""
+    try:
+        timeout = float(value)
+    except ValueError:
+        return None
+    return timeout if timeout >= 0 and not math.isnan(timeout) else None
+
+
+class KernelHandler(PublicAPIHandler):
+    def initialize(self, sessions: SessionManager) -> None:
+        self.sessions = sessions
+
+    def options(self, session_id: str | None = None) -> None:
+        self.set_header("Access-Control-Allow-Methods", "POST, GET, OPTIONS, DELETE")
+        self.set_header("Access-Control-Allow-Headers", "X-XSRFToken, Content-Type")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    async def post(self, session_id: str | None = None) -> None:
+        # Pages that cannot send DELETE (a form in an iframe) say method=DELETE.
+        method = self.get_argument("method", "POST")
+        if method == "DELETE":
+            self.delete(session_id)
+            return
+        if method == "OPTIONS":
+            self.options(session_id)
+            return
+        if not self.terms_accepted():
+            return
+        timeout = requested_timeout(self.get_argument("timeout", "0"))
+        if timeout is None:
+            self.fail(400, "timeout must be a number of seconds, 0 or more (or inf)")
+            return
+        try:
+            session = await self.sessions.open(client_key(self), timeout)
+        except TooManySessionsError:
+            self.set_status(429)
+            self.answer({"error": "too_many_kernels_for_cell_session", "message": TOO_MANY_KERNELS})
+            return
+        except (KernelsBusyError, KernelStartError):
+            self.fail(503, "every kernel is busy; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return
+        self.set_header("Jupyter-Kernel-ID", session.session_id)
+        self.answer({"ws_url": self.ws_url(), "id": session.session_id})
+
+    def delete(self, session_id: str | None = None) -> None:
+        session = self.sessions.get(session_id or "")
+        if session is not None:
+            self.sessions.end(session, "the page deleted it")
+        self.answer(None)
+
+    def ws_url(self) -> str:
+        """Where the page opens its channels: this server as the page reached it (through TLS at the load
+        balancer, the scheme it reports)."""
+        scheme = self.request.headers.get("X-Forwarded-Proto", self.request.protocol).split(",")[0].strip()
+        return f"{'wss' if scheme == 'https' else 'ws'}://{self.request.host}/"
+
+    def answer(self, data: dict[str, Any] | None) -> None:
+        """JSON, or for a form posted into an iframe (`frame`), a script that posts it to the page."""
+        if "frame" in self.request.arguments:
+            self.set_header("Content-Type", "text/html")
+            # json.dumps twice: the payload is a JSON string inside a script; </ cannot close the element.
+            text = json.dumps(json.dumps(data)).replace("</", "<\\/")
+            self.finish(f'<script>parent.postMessage({text},"*");</script>')
+        elif data is None:
+            self.finish()
+        else:
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(data))
+
+
+class ChannelsHandler(tornado.websocket.WebSocketHandler):
+    """One page's connection to its session's kernel: its shell requests in, the shell and iopub messages
+    out. Closing it ends the session, as upstream's does."""
+
+    def initialize(self, sessions: SessionManager) -> None:
+        self.sessions = sessions
+        self.session_id = ""
+
+    def check_origin(self, origin: str) -> bool:
+        return origin_allowed(origin, self.settings.get("allowed_origins", ()))
+
+    async def get(self, session_id: str) -> None:
+        if self.sessions.get(session_id) is None:
+            raise tornado.web.HTTPError(404, reason="no such kernel")
+        await super().get(session_id)
+
+    def open(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:  # ended between the check and the upgrade
+            self.close(1011, "the kernel is gone")
+            return
+        self.session_id = session_id
+        self.sessions.attach(session, self)
+
+    def deliver(self, text: str) -> None:
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+            self.write_message(text)
+
+    def kernel_gone(self, last_message: str) -> None:
+        self.deliver(last_message)
+        self.close(1000, "the kernel is gone")
+
+    def replaced(self) -> None:
+        self.close(4000, "another connection took this kernel")
+
+    def on_message(self, message: str | bytes) -> None:
+        session = self.sessions.get(self.session_id)
+        if session is None:
+            self.close(1011, "the kernel is gone")
+            return
+        try:
+            self.sessions.send(session, message_for_kernel(message, session.session_id))
+        except BadMessageError as error:
+            self.close(1008, str(error)[:120])
+            self.sessions.end(session, f"the page sent a bad message ({error})")
+
+    def on_close(self) -> None:
+        session = self.sessions.get(self.session_id)
+        if session is not None:
+            self.sessions.detach(session, self)
+
+
+def session_routes(sessions: SessionManager) -> list[Any]:
+    from cellserver.sessions import SESSION_ID_PATTERN
+
+    options = {"sessions": sessions}
+    return [
+        (r"/kernel", KernelHandler, options),
+        (rf"/kernel/({SESSION_ID_PATTERN})", KernelHandler, options),
+        (rf"/kernel/({SESSION_ID_PATTERN})/channels", ChannelsHandler, options),
+    ]

@@ -1,0 +1,277 @@
+"""Kernel sessions: a kernel that lives as long as a page uses it, as SageMathCell's `POST /kernel` gives one.
+
+The page asks for a kernel (`POST /kernel`), talks to it over a WebSocket at `/kernel/<id>/channels` (shell
+and iopub messages in one stream, each carrying a `channel` field), and ends it with `DELETE /kernel/<id>`
+or by closing the connection. A session's kernel is a pooled kernel like a `/service` one, released (its
+worker reset) when the session ends.
+
+How long a session lives follows upstream: the page asks for an idle `timeout` in seconds (at most
+`session_idle_seconds`; the kernel may change it with a `kernel_timeout` message, as an interact does). With
+a timeout of 0, the default, the session ends once its computations are done and the kernel is idle. No
+session outlives `session_lifetime_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cellserver.kernels import Kernel, KernelPool
+
+log = logging.getLogger("cellserver.sessions")
+
+# Upstream's kernel ids are uuid4 strings; its routes match five dash-separated words.
+SESSION_ID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# What a page may ask of its kernel's shell. Upstream's interacts count as computations.
+SHELL_REQUESTS = frozenset({
+    "execute_request", "complete_request", "inspect_request", "is_complete_request", "kernel_info_request",
+    "comm_info_request", "comm_open", "comm_msg", "comm_close", "sagenb.interact.update_interact",
+})  # fmt: skip
+COMPUTATIONS = frozenset({"execute_request", "sagenb.interact.update_interact"})
+COMPUTATION_REPLIES = frozenset({"execute_reply", "sagenb.interact.update_interact_reply"})
+# Computations one session may have waiting in its kernel: more is a flood, and ends the session.
+MAX_PENDING_COMPUTATIONS = 16
+PROTOCOL_VERSION = "5.3"
+REAP_INTERVAL_SECONDS = 1.0
+
+
+class TooManySessionsError(Exception):
+    """The page may not have another kernel now; the message says why."""
+
+
+class BadMessageError(Exception):
+    """A message from the page that its kernel must not get; the text says what is wrong with it."""
+
+
+class PageConnection(Protocol):
+    """Where a session's kernel messages go: the page's WebSocket."""
+
+    def deliver(self, text: str) -> None: ...
+
+    def kernel_gone(self, last_message: str) -> None: ...
+
+    def replaced(self) -> None: ...
+
+
+@dataclass
+class KernelSession:
+    session_id: str
+    kernel: Kernel
+    client_key: str
+    timeout: float  # idle seconds after the kernel's last message; 0: ends once its computations are done
+    started: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    executing: int = 0
+    computations: int = 0
+    status: str = "starting"
+    requests: set[str] = field(default_factory=set)  # the page's message ids: their answers are the page's
+    connection: PageConnection | None = None
+    ended: bool = False
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return None  # binary buffers do not go to the page, as upstream drops them
+    return str(value)
+
+
+def message_for_page(message: dict[str, Any], channel: str) -> str:
+    """A kernel's message as upstream's pages receive it: Jupyter's fields plus its channel, no buffers."""
+    keep = ("header", "parent_header", "metadata", "content", "msg_id", "msg_type")
+    page_message = {name: message[name] for name in keep if name in message}
+    page_message["channel"] = channel
+    return json.dumps(page_message, default=json_default)
+
+
+def message_for_kernel(raw: str | bytes, session_id: str) -> dict[str, Any]:
+    """A page's message, checked, with the header fields it may leave out filled in; BadMessageError otherwise."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        raise BadMessageError("not JSON") from None
+    if not isinstance(message, dict):
+        raise BadMessageError("not a JSON object")
+    if message.get("channel") != "shell":
+        raise BadMessageError(f"channel {message.get('channel')!r}: a page talks to its kernel's shell only")
+    header = message.get("header")
+    if not isinstance(header, dict) or not isinstance(header.get("msg_type"), str):
+        raise BadMessageError("no header with a msg_type")
+    if header["msg_type"] not in SHELL_REQUESTS:
+        raise BadMessageError(f"msg_type {header['msg_type']!r} is not a request a page may send")
+    for part in ("content", "metadata", "parent_header"):
+        if not isinstance(message.get(part, {}), dict):
+            raise BadMessageError(f"{part} must be an object")
+    header = {
+        "msg_id": str(header.get("msg_id") or uuid.uuid4()),
+        "msg_type": header["msg_type"],
+        "username": str(header.get("username", "")),
+        "session": str(header.get("session") or session_id),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "version": PROTOCOL_VERSION,
+    }
+    return {
+        "header": header,
+        "parent_header": message.get("parent_header", {}),
+        "metadata": message.get("metadata", {}),
+        "content": message.get("content", {}),
+    }
+
+
+def dead_status(session_id: str) -> str:
+    """What upstream tells a page whose kernel has gone."""
+    return json.dumps({
+        "channel": "iopub",
+        "header": {"msg_type": "status", "msg_id": str(uuid.uuid4()), "session": session_id, "username": ""},
+        "parent_header": {}, "metadata": {}, "msg_type": "status",
+        "content": {"execution_state": "dead"},
+    })  # fmt: skip
+
+
+class SessionManager:
+    """Every live session of this server: opened from the kernel pool, ended by the page, by its kernel's
+    death, by its idle timeout, or by the lifetime limit."""
+
+    def __init__(self, pool: KernelPool, idle_limit: float, lifetime: float, per_client: int) -> None:
+        self.pool = pool
+        self.idle_limit = idle_limit
+        self.lifetime = lifetime
+        self.per_client = per_client
+        self.sessions: dict[str, KernelSession] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for session in list(self.sessions.values()):
+            self.end(session, "the server is stopping")
+
+    def live_for(self, client_key: str) -> int:
+        return sum(1 for session in self.sessions.values() if session.client_key == client_key)
+
+    async def open(self, client_key: str, timeout: float) -> KernelSession:
+        """A new session on a ready kernel; TooManySessionsError past the per-client cap, KernelsBusyError when
+        no kernel is free."""
+        if self.live_for(client_key) >= self.per_client:
+            raise TooManySessionsError(f"this page already has {self.per_client} kernels")
+        kernel = await self.pool.acquire()
+        if self.live_for(client_key) >= self.per_client:  # others of the same page got theirs meanwhile
+            self.pool.release(kernel)
+            raise TooManySessionsError(f"this page already has {self.per_client} kernels")
+        session = KernelSession(str(uuid.uuid4()), kernel, client_key, min(timeout, self.idle_limit))
+        self.sessions[session.session_id] = session
+        for channel in ("iopub", "shell"):
+            session.tasks.append(asyncio.create_task(self._pump(session, channel)))
+        session.tasks.append(asyncio.create_task(self._watch_death(session)))
+        log.info("session %s on kernel %s for %s", session.session_id, kernel.kernel_id, client_key)
+        return session
+
+    def get(self, session_id: str) -> KernelSession | None:
+        return self.sessions.get(session_id)
+
+    def attach(self, session: KernelSession, connection: PageConnection) -> None:
+        """The page's connection gets the kernel's messages from now on; one it replaces is told so."""
+        previous, session.connection = session.connection, connection
+        if previous is not None:
+            previous.replaced()
+
+    def detach(self, session: KernelSession, connection: PageConnection) -> None:
+        """The page closed this connection: the session ends with it, unless another one replaced it."""
+        if session.connection is connection:
+            self.end(session, "the page closed its connection")
+
+    def send(self, session: KernelSession, message: dict[str, Any]) -> None:
+        """A checked message from the page to its kernel's shell; a flood of computations ends the session."""
+        if message["header"]["msg_type"] in COMPUTATIONS:
+            if session.executing >= MAX_PENDING_COMPUTATIONS:
+                raise BadMessageError(f"more than {MAX_PENDING_COMPUTATIONS} computations waiting")
+            session.executing += 1
+            session.computations += 1
+        session.requests.add(message["header"]["msg_id"])
+        session.last_activity = time.monotonic()
+        session.kernel.client.shell_channel.send(message)
+
+    def end(self, session: KernelSession, reason: str) -> None:
+        """Release the kernel (its worker is reset) and tell the page, once."""
+        if session.ended:
+            return
+        session.ended = True
+        self.sessions.pop(session.session_id, None)
+        current = asyncio.current_task()
+        for task in session.tasks:
+            if task is not current:
+                task.cancel()
+        self.pool.release(session.kernel)
+        log.info("session %s ended: %s", session.session_id, reason)
+        if session.connection is not None:
+            session.connection.kernel_gone(dead_status(session.session_id))
+
+    async def _pump(self, session: KernelSession, channel: str) -> None:
+        receive = session.kernel.client.get_iopub_msg if channel == "iopub" else session.kernel.client.get_shell_msg
+        while True:
+            message = await receive()
+            self._from_kernel(session, message, channel)
+            if session.ended:
+                return
+
+    def _from_kernel(self, session: KernelSession, message: dict[str, Any], channel: str) -> None:
+        kind = message.get("msg_type")
+        if kind == "status":
+            session.status = message["content"].get("execution_state", session.status)
+        if kind in COMPUTATION_REPLIES:
+            session.executing = max(0, session.executing - 1)
+        if kind == "kernel_timeout":
+            # The kernel asks to live longer or shorter (an interact waits for the page's changes).
+            requested = float(message["content"].get("timeout", 0))
+            if requested >= 0:
+                session.timeout = min(requested, self.idle_limit)
+        elif session.connection is not None and self.for_page(session, message):
+            session.connection.deliver(message_for_page(message, channel))
+        session.last_activity = time.monotonic()
+        if session.timeout == 0 and session.computations and not session.executing and session.status == "idle":
+            self.end(session, "its computations are done")
+
+    @staticmethod
+    def for_page(session: KernelSession, message: dict[str, Any]) -> bool:
+        """Answers to the page's requests, and what the kernel sends on its own; not the answers to the pool's
+        readiness checks, nor the kernel's `starting` status, which came before the page had it."""
+        parent = message.get("parent_header", {}).get("msg_id")
+        if parent:
+            return parent in session.requests
+        return message.get("msg_type") != "status"
+
+    async def _watch_death(self, session: KernelSession) -> None:
+        await session.kernel.died.wait()
+        self.end(session, "its kernel exited")
+
+    def expired(self, session: KernelSession, now: float) -> str | None:
+        """Why the session must end now, or None."""
+        if now - session.started > self.lifetime:
+            return f"the lifetime limit ({self.lifetime:g} s)"
+        idle = session.timeout if session.timeout > 0 else self.idle_limit
+        if now - session.last_activity > idle:
+            return f"idle for {idle:g} s"
+        return None
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_SECONDS)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                reason = self.expired(session, now)
+                if reason is not None:
+                    self.end(session, reason)

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""SageMathCell's own interactive client, as its contrib/sagecell-client/sagecell-client.py talks to a server.
+
+Usage: sagecell_session_client.py BASE_URL [CODE] [--insecure] [--timeout SECONDS]. Asks BASE_URL/kernel for
+a kernel (form POST of accepted_tos=true, Accept: application/json), opens `<ws_url>kernel/<id>/channels`
+with the Jupyter-Kernel-ID header, sends one execute_request of CODE (default `factorial(2020)`) with the
+`_sagecell_files` user expression, and waits for both its execute_reply and an idle status. Prints
+{"shell": [...], "iopub": [...]} as JSON and exits 0; exits 1 when the server refuses or goes silent. The
+same messages as upstream's script, written with tornado (which the project's environment has) instead of
+websocket-client and requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import sys
+import urllib.parse
+import uuid
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+TIMEOUT_SECONDS = 10
+
+
+def execute_request(code: str) -> dict[str, Any]:
+    return {
+        "channel": "shell",
+        "header": {
+            "msg_type": "execute_request",
+            "msg_id": str(uuid.uuid4()),
+            "username": "",
+            "session": str(uuid.uuid4()),
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": {
+            "code": code,
+            "silent": False,
+            "user_expressions": {"_sagecell_files": "sys._sage_.new_files()"},
+            "allow_stdin": False,
+        },
+    }
+
+
+async def run(base_url: str, code: str, context: ssl.SSLContext | None, timeout: float) -> dict[str, list[Any]]:
+    url = base_url.rstrip("/") + "/"
+    answer = await AsyncHTTPClient().fetch(HTTPRequest(
+        url + "kernel", method="POST", body=urllib.parse.urlencode({"accepted_tos": "true"}),
+        headers={"Accept": "application/json"}, ssl_options=context, request_timeout=timeout,
+    ))  # fmt: skip
+    kernel = json.loads(answer.body)
+    kernel_url = f"{kernel['ws_url']}kernel/{kernel['id']}/"
+    connection = await websocket_connect(HTTPRequest(
+        kernel_url + "channels", headers={"Jupyter-Kernel-ID": kernel["id"]}, ssl_options=context,
+        connect_timeout=timeout, request_timeout=timeout,
+    ))  # fmt: skip
+    connection.write_message(json.dumps(execute_request(code)))
+    messages: dict[str, list[Any]] = {"shell": [], "iopub": []}
+    replied = idle = False
+    while not (replied and idle):
+        text = await asyncio.wait_for(connection.read_message(), timeout)
+        if text is None:
+            raise ConnectionError("the server closed the connection before the computation ended")
+        message = json.loads(text)
+        if message["channel"] == "shell":
+            messages["shell"].append(message)
+            replied = replied or message["header"]["msg_type"] == "execute_reply"
+        elif message["channel"] == "iopub":
+            messages["iopub"].append(message)
+            idle = idle or (message["header"]["msg_type"] == "status"
+                            and message["content"]["execution_state"] == "idle")  # fmt: skip
+    connection.close()
+    return messages
+
+
+def main(argv: list[str]) -> int:
+    options = [argument for argument in argv if argument.startswith("--")]
+    positional = [argument for argument in argv if not argument.startswith("--")]
+    timeout = TIMEOUT_SECONDS
+    if "--timeout" in argv:
+        timeout = float(argv[argv.index("--timeout") + 1])
+        positional.remove(argv[argv.index("--timeout") + 1])
+    context = ssl._create_unverified_context() if "--insecure" in options else None
+    code = positional[1] if len(positional) > 1 else "factorial(2020)"
+    try:
+        messages = asyncio.run(run(positional[0], code, context, timeout))
+    except Exception as error:
+        print(f"the server did not compute: {error!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(messages))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
