@@ -173,6 +173,10 @@ bench-service: venv ## /service on this machine: print(1+1) at concurrency 1 and
 bench-service-sage: venv sage ## /service with the Sage kernel on this machine: print(1+1), factor at 1/8/32 clients, CPU s, PSS
 	@$(BIN)/python bench/service_sage.py $(BENCH_ARGS)
 
+.PHONY: bench-kernel-start
+bench-kernel-start: venv sage ## Where a fresh Sage kernel's start goes: fork, ready, first computation, CPU, copied pages
+	@$(SAGE_VENV)/bin/python bench/kernel_start.py --kernel sage $(BENCH_ARGS)
+
 .PHONY: bench-service-pooled
 bench-service-pooled: venv ## /service on the lab's cell1, kernels as pooled confined workers; after `make up`
 	@$(BIN)/python bench/service_pooled.py $(BENCH_ARGS)
