@@ -177,6 +177,10 @@ bench-service-sage: venv sage ## /service with the Sage kernel on this machine: 
 bench-kernel-start: venv sage ## Where a fresh Sage kernel's start goes: fork, ready, first computation, CPU, copied pages
 	@$(SAGE_VENV)/bin/python bench/kernel_start.py --kernel sage $(BENCH_ARGS)
 
+.PHONY: bench-sessions
+bench-sessions: venv sage ## Kernel sessions, Sage kernel: POST /kernel to first reply, round trip, PSS of 50 idle sessions
+	@$(BIN)/python bench/sessions.py $(BENCH_ARGS)
+
 .PHONY: bench-service-pooled
 bench-service-pooled: venv ## /service on the lab's cell1, kernels as pooled confined workers; after `make up`
 	@$(BIN)/python bench/service_pooled.py $(BENCH_ARGS)
