@@ -323,6 +323,14 @@ def test_each_kernel_works_in_a_directory_of_its_own_removed_after_it(compute: S
     assert not Path(first).exists(), "a released kernel's directory stayed"
 
 
+def process_state(pid: int) -> str:
+    """The one-letter state of pid in /proc, or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def test_a_zombie_reserve_kernel_is_not_handed_out(tmp_path: Path) -> None:
     # A reserve kernel killed behind a stopped provider stays a zombie (nothing reaps it, nobody reports its
     # death). Handed out, the computation waited its whole wall limit on a dead kernel; it is refused instead.
@@ -339,8 +347,12 @@ def test_a_zombie_reserve_kernel_is_not_handed_out(tmp_path: Path) -> None:
         ) and time.monotonic() < deadline:
             time.sleep(0.1)
         os.kill(provider, signal.SIGSTOP)
-        for kernel in descendants(provider):
+        killed = descendants(provider)
+        for kernel in killed:
             os.kill(kernel, signal.SIGKILL)
+        # Dead once the exit is through (a busy machine takes a moment to unmap a kernel): a zombie.
+        while not all(process_state(kernel) in ("Z", "X", "") for kernel in killed) and time.monotonic() < deadline:
+            time.sleep(0.05)
         # Up to a kernel start's patience (30 s) if the reserve kernel was still starting when it was frozen.
         status, headers, body = server.request("POST", "/service", {"code": "1"}, timeout=60)
         os.kill(provider, signal.SIGCONT)

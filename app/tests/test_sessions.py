@@ -252,7 +252,8 @@ def test_messages_not_for_the_shell_close_the_connection(server: Service, payloa
 
 def test_a_huge_message_closes_the_connection(server: Service) -> None:
     code, _why = asyncio.run(refused(server, json.dumps(execute_request("#" * (2 << 20)))))
-    assert code == 1009  # message too big
+    # 1009, message too big; or no code at all when the server's close overtook the client still writing.
+    assert code in (1009, None), code
 
 
 def test_a_flood_of_computations_closes_the_connection(server: Service) -> None:
