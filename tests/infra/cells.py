@@ -30,14 +30,18 @@ except urllib.error.HTTPError as error:
 
 
 POST_MANY = r"""
-import json, sys, urllib.error, urllib.parse, urllib.request
+import json, sys, time, urllib.error, urllib.parse, urllib.request
 data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
+retry_until = time.monotonic() + float(sys.argv[4])
 def one(_):
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
-            return {"status": answer.status, "body": json.load(answer)}
-    except urllib.error.HTTPError as error:
-        return {"status": error.code, "body": json.load(error)}
+    while True:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
+                return {"status": answer.status, "body": json.load(answer)}
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or time.monotonic() > retry_until:
+                return {"status": error.code, "body": json.load(error)}
+            time.sleep(0.5)
 with ThreadPoolExecutor(int(sys.argv[3])) as pool:
     print(json.dumps(list(pool.map(one, range(int(sys.argv[3]))))))
 """
@@ -58,11 +62,12 @@ class Cell:
         output = self.host.check_output(f"python3 -c {shlex.quote(POST)} {self.port} {shlex.quote(code)}")
         return json.loads(output)
 
-    def compute_many(self, code: str, count: int) -> list[dict]:
-        """count computations of code at once, from threads of one process on the cell."""
+    def compute_many(self, code: str, count: int, retry_busy_seconds: float = 0) -> list[dict]:
+        """count computations of code at once, from threads of one process on the cell; each one refused as
+        busy (503) is sent again, as a client honouring Retry-After would, for up to retry_busy_seconds."""
         script = f"from concurrent.futures import ThreadPoolExecutor\n{POST_MANY}"
-        output = self.host.check_output(f"python3 -c {shlex.quote(script)} {self.port} {shlex.quote(code)} {count}")
-        return json.loads(output)
+        arguments = f"{self.port} {shlex.quote(code)} {count} {retry_busy_seconds}"
+        return json.loads(self.host.check_output(f"python3 -c {shlex.quote(script)} {arguments}"))
 
     def stdout(self, code: str) -> str:
         answer = self.compute(code)

@@ -112,7 +112,9 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
         with ThreadPoolExecutor(1) as background:
             # One process on the cell sends them all at once (one SSH command and Python start each would
             # spread them over seconds of emulated CPU).
-            holding = background.submit(cell.compute_many, hold, slots)
+            # A holder refused while the pool still refills after the tests before (a worker being reset,
+            # its kernel on the way) tries again, as a client would: this test is about a full pool.
+            holding = background.submit(cell.compute_many, hold, slots, limit / 3)
             deadline = time.monotonic() + limit - 2
             running = "0"
             while running != str(slots) and time.monotonic() < deadline:
