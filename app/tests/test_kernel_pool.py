@@ -30,6 +30,7 @@ class InstantProvider:
         self.released: list[str] = []
         self.closed = False
         self.deaths: dict[str, asyncio.Event] = {}
+        self.death_seen = asyncio.Event()
         self.workers = None  # not pooled: no worker count limits the kernels
 
     async def open(self) -> None:

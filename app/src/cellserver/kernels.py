@@ -75,6 +75,7 @@ class ProviderLink:
         self._reader_task: asyncio.Task[None] | None = None
         self.lost = asyncio.Event()  # set when the provider closed the connection
         self.deaths: dict[str, asyncio.Event] = {}  # kernel id -> set when the provider saw it exit
+        self.death_seen = asyncio.Event()  # set at each reported death, so the pool can replace a reserve kernel
 
     async def open(self) -> None:
         if self.socket_path:
@@ -134,6 +135,7 @@ class ProviderLink:
                 answer = json.loads(line)
                 if "died" in answer:
                     self.deaths.setdefault(answer["died"], asyncio.Event()).set()
+                    self.death_seen.set()
                     continue
                 future = self._answers.pop(answer.get("id"), None)
                 if future and not future.done():
@@ -391,11 +393,9 @@ class KernelPool:
     async def _refill_forever(self) -> None:
         """Keep the preforked reserve full and replace kernels idle for too long."""
         while not self._stopping:
-            # Woken when a kernel is taken or killed, and at least every minute to expire idle ones.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=min(60.0, self.settings.idle_seconds))
-            self._wakeup.clear()
-            self._expire_idle()
+            # Woken when a kernel is taken, released or dies, and at least every minute to expire idle ones.
+            await self._wait_for_a_change(timeout=min(60.0, self.settings.idle_seconds))
+            self._drop_dead_and_idle()
             while not self._stopping:
                 wanted = min(
                     self.settings.preforked - self._ready.qsize(), self.max_kernels - self._live, REFILL_AT_ONCE
@@ -424,12 +424,21 @@ class KernelPool:
         else:
             self._ready.put_nowait(kernel)
 
-    def _expire_idle(self) -> None:
+    async def _wait_for_a_change(self, timeout: float) -> None:
+        changes = [asyncio.ensure_future(event.wait()) for event in (self._wakeup, self.provider.death_seen)]
+        await asyncio.wait(changes, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for change in changes:
+            change.cancel()
+        self._wakeup.clear()
+        self.provider.death_seen.clear()
+
+    def _drop_dead_and_idle(self) -> None:
+        """Release reserve kernels that died while they waited, or waited past the idle limit."""
         now = time.monotonic()
         keep = []
         while not self._ready.empty():
             kernel = self._ready.get_nowait()
-            if now - kernel.ready_since > self.settings.idle_seconds:
+            if now - kernel.ready_since > self.settings.idle_seconds or not kernel.alive():
                 self.release(kernel)
             else:
                 keep.append(kernel)
