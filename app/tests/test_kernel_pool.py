@@ -1,5 +1,6 @@
-"""The pool's own bookkeeping, in process: a provider that answers at once stands in for the forking one, so
-races between a stop and the background refill can be placed exactly instead of hoped for."""
+"""The pool's own bookkeeping, in process: a provider that answers at once (or never) stands in for the forking
+one, so races between a stop and the background refill can be placed exactly instead of hoped for; and what
+the health probe does to a real reserve kernel."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from cellserver.kernels import (
     Kernel,
     KernelPool,
     KernelsBusyError,
+    KernelStartError,
     PoolSettings,
     wait_for_answers,
 )
+from cellserver.service import evaluate_quietly, execute
 
 
 class InstantProvider:
@@ -197,3 +200,83 @@ def test_a_kernel_that_never_answers_is_given_up_at_the_start_timeout() -> None:
     with pytest.raises(RuntimeError, match=r"did not answer within 2\.5 s"):
         asyncio.run(wait_for_answers(client, timeout=2.5))  # type: ignore[arg-type]
     assert 2.5 <= time.monotonic() - started < 3.0
+
+
+class ProviderThatHangs(InstantProvider):
+    """Takes start requests and answers none of them until told to (a frozen or deadlocked provider)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[asyncio.Future[dict[str, Any]]] = []
+
+    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["op"] != "start":
+            return await super().request(request)
+        answer = asyncio.get_running_loop().create_future()
+        self.starts.append(answer)
+        return await answer
+
+
+async def requests_to_a_provider_that_answers_late(requests: int) -> tuple[list[tuple[str, float]], list[str], int]:
+    """Each request's outcome and wait while the provider answers no start; then it answers every start
+    late: the kernels it released, and the slots still counted after that."""
+    pool = KernelPool(PoolSettings(max_kernels=4, preforked=0, start_timeout=0.5, acquire_wait=0.1))
+    provider = ProviderThatHangs()
+    pool.provider = provider  # type: ignore[assignment]
+    await pool.start()
+    outcomes = []
+    for _ in range(requests):
+        began = time.monotonic()
+        try:
+            await pool.acquire()
+            outcome = "kernel"
+        except KernelStartError:
+            outcome = "start failed"
+        except KernelsBusyError:
+            outcome = "busy"
+        outcomes.append((outcome, time.monotonic() - began))
+    for number, start in enumerate(provider.starts):
+        start.set_result({"kernel_id": f"late{number}"})
+    deadline = time.monotonic() + 5
+    while pool._live and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    live = pool._live
+    await pool.stop()
+    return outcomes, provider.released, live
+
+
+def test_a_provider_that_answers_no_start_fails_requests_instead_of_filling_the_pool() -> None:
+    # Unanswered starts used to hold their slots for good: requests waited without end, then every slot was
+    # taken and the server answered "busy", which the health timer reads as saturation and never restarts.
+    outcomes, released, live = asyncio.run(asyncio.wait_for(requests_to_a_provider_that_answers_late(6), 30))
+    assert [outcome for outcome, _ in outcomes] == ["start failed"] * 6, outcomes
+    assert outcomes[0][1] < 2, outcomes  # the start timeout
+    assert max(waited for _, waited in outcomes[1:]) < 0.2, outcomes  # the provider is known to be stuck
+    assert released == ["late0"] and live == 0  # the kernel it started late went back at once
+
+
+async def probed_then_computed() -> tuple[dict[str, Any], list[str | None]]:
+    """A real reserve kernel evaluated quietly three times, then given a computation: its answer."""
+    pool = KernelPool(PoolSettings(max_kernels=1, preforked=1))
+    await pool.start()
+    values = []
+    try:
+        for number in range(3):
+            kernel = await pool.borrow(patience=30)
+            assert kernel is not None, "no reserve kernel came"
+            values.append(await evaluate_quietly(kernel, f"{number} + 40", 10))
+            pool.give_back(kernel, usable=True)
+        kernel = await pool.acquire()  # the same one: there is room for a single kernel
+        try:
+            return await execute(kernel, "print(len(In), repr(_))", {}, 10), values
+        finally:
+            pool.release(kernel)
+    finally:
+        await pool.stop()
+
+
+def test_a_health_evaluation_leaves_no_trace_in_the_reserve_kernel() -> None:
+    answer, values = asyncio.run(probed_then_computed())
+    assert values == ["40", "41", "42"]
+    assert answer["execute_reply"]["execution_count"] == 1, answer
+    assert answer["stdout"] == "2 ''\n", answer  # In holds only this cell, and no result was kept

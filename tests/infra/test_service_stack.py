@@ -28,6 +28,13 @@ def lab(nodes: dict[str, Node]) -> dict[str, Node]:
     return nodes
 
 
+@pytest.fixture(autouse=True)
+def serving(lab: dict[str, Node]) -> None:
+    """Each test starts from a cluster that serves: a test before it, here or in another module (a frozen
+    provider, a killed server, a flood), may have left a cell DOWN while it recovers."""
+    wait_until_every_cell_is_up(load_balancer(lab), cells(lab))
+
+
 def load_balancer(lab: dict[str, Node]) -> Node:
     return next(node for node in lab.values() if "loadbalancers" in node.groups)
 

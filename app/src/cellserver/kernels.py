@@ -248,6 +248,8 @@ class KernelPool:
         self._refilling = 0  # reserve kernels being started right now
         self._waiters: list[object] = []  # requests waiting for a kernel, oldest first
         self._launching: set[object] = set()  # those of them starting their own kernel right now
+        self._borrowed = 0  # reserve kernels lent to the health probe, coming back to the reserve
+        self._unanswered_starts: dict[asyncio.Future[dict[str, Any]], float] = {}  # start request -> asked at
         self._stopping = False
 
     @property
@@ -290,6 +292,7 @@ class KernelPool:
         arrived = time.monotonic()
         deadline = arrived + self.settings.acquire_wait
         while True:
+            self._refuse_if_the_provider_stalled()
             if self._place_in_line(ticket) < self._refilling:
                 # One of the kernels on their way to the reserve will be this request's: worth waiting for, as
                 # long as a start may take from this request's arrival. Requests beyond those kernels are
@@ -329,6 +332,49 @@ class KernelPool:
                 continue
             return kernel
 
+    def provider_silent_for(self) -> float:
+        """How long the oldest unanswered kernel start has waited for the provider (0 when none waits)."""
+        if not self._unanswered_starts:
+            return 0.0
+        return time.monotonic() - min(self._unanswered_starts.values())
+
+    def _refuse_if_the_provider_stalled(self) -> None:
+        # A provider that answers no start (frozen, deadlocked) would leave every slot waiting on it and every
+        # request refused as "busy", which reads as saturation and keeps the health timer from restarting.
+        silent = self.provider_silent_for()
+        if silent > self.settings.start_timeout:
+            raise KernelStartError(f"the kernel provider has not answered a kernel start for {silent:.0f} s")
+
+    async def borrow(self, patience: float) -> Kernel | None:
+        """A live reserve kernel for a computation of the server's own that leaves no trace in it (the health
+        probe's silent expression), waiting up to patience for one on its way to the reserve; None when there
+        is none. give_back returns it to the reserve."""
+        deadline = time.monotonic() + patience
+        while True:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                kernel = self._ready.get_nowait()
+                if kernel.alive():
+                    self._borrowed += 1
+                    return kernel
+                self.release(kernel)
+                continue
+            if not self._reserve_on_its_way() or time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(SLOT_POLL_SECONDS)
+
+    def _reserve_on_its_way(self) -> bool:
+        """A kernel is starting for the reserve, or the refill will start one (it has a free slot to)."""
+        below = self._ready.qsize() + self._borrowed < self.settings.preforked
+        return self._refilling > 0 or (below and self._live < self.max_kernels and not self._stopping)
+
+    def give_back(self, kernel: Kernel, usable: bool) -> None:
+        self._borrowed -= 1
+        if usable and not self._stopping and kernel.alive():
+            self._ready.put_nowait(kernel)
+        else:
+            self.release(kernel)
+            self._wakeup.set()
+
     def _place_in_line(self, ticket: object) -> int:
         """How many requests wait for the reserve ahead of this one: those starting their own kernel do not."""
         ahead = self._waiters[: self._waiters.index(ticket)]
@@ -342,11 +388,14 @@ class KernelPool:
         task.add_done_callback(self._releases.discard)
 
     async def _release(self, kernel: Kernel) -> None:
-        self.provider.deaths.pop(kernel.kernel_id, None)
+        await self._release_by_id(kernel.kernel_id)
+
+    async def _release_by_id(self, kernel_id: str) -> None:
+        self.provider.deaths.pop(kernel_id, None)
         try:
-            await self.provider.request({"op": "release", "kernel_id": kernel.kernel_id})
+            await self.provider.request({"op": "release", "kernel_id": kernel_id})
         except ProviderError as error:
-            log.error("releasing kernel %s: %s", kernel.kernel_id, error)
+            log.error("releasing kernel %s: %s", kernel_id, error)
         finally:
             self._live -= 1
             self._wakeup.set()
@@ -360,9 +409,7 @@ class KernelPool:
             raise
 
     async def _start_kernel(self) -> Kernel:
-        answer = await self.provider.request(
-            {"op": "start", "cpu_seconds": self.settings.cpu_seconds, "memory_bytes": self.settings.memory_bytes}
-        )
+        answer = await self._ask_for_a_kernel()
         client = AsyncKernelClient(context=client_context())
         client.load_connection_info(answer["connection"])
         # No heartbeat channel: it declares a kernel dead after one silent second, which a busy machine (or an
@@ -379,6 +426,33 @@ class KernelPool:
             raise
         kernel.ready_since = time.monotonic()
         return kernel
+
+    async def _ask_for_a_kernel(self) -> dict[str, Any]:
+        """The provider's answer to a start, or ProviderError once the start timeout passes without one."""
+        limits = {"cpu_seconds": self.settings.cpu_seconds, "memory_bytes": self.settings.memory_bytes}
+        asked = asyncio.ensure_future(self.provider.request({"op": "start", **limits}))
+        self._unanswered_starts[asked] = time.monotonic()
+        asked.add_done_callback(self._start_answered)
+        done, _pending = await asyncio.wait({asked}, timeout=self.settings.start_timeout)
+        if not done:
+            # The provider may still start it: that kernel takes a worker, so its slot stays counted until the
+            # kernel, once it comes, is released.
+            self._live += 1
+            asked.add_done_callback(self._release_late_kernel)
+            raise ProviderError(f"the kernel provider did not start a kernel within {self.settings.start_timeout:g} s")
+        return asked.result()
+
+    def _start_answered(self, asked: asyncio.Future[dict[str, Any]]) -> None:
+        self._unanswered_starts.pop(asked, None)
+        self._wakeup.set()
+
+    def _release_late_kernel(self, asked: asyncio.Future[dict[str, Any]]) -> None:
+        if asked.cancelled() or asked.exception() is not None:
+            self._live -= 1
+            return
+        task = asyncio.create_task(self._release_by_id(asked.result()["kernel_id"]))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def _wait_until_ready(self, kernel: Kernel) -> None:
         ready = asyncio.ensure_future(wait_for_answers(kernel.client, self.settings.start_timeout))
@@ -397,11 +471,10 @@ class KernelPool:
             await self._wait_for_a_change(timeout=min(60.0, self.settings.idle_seconds))
             self._drop_dead_and_idle()
             while not self._stopping:
-                wanted = min(
-                    self.settings.preforked - self._ready.qsize(), self.max_kernels - self._live, REFILL_AT_ONCE
-                )
-                if wanted <= 0:
-                    break
+                missing = self.settings.preforked - self._ready.qsize() - self._borrowed
+                wanted = min(missing, self.max_kernels - self._live, REFILL_AT_ONCE)
+                if wanted <= 0 or self.provider_silent_for() > self.settings.start_timeout:
+                    break  # nothing to start, or no start would be answered: the provider's answer wakes this
                 self._refilling += wanted
                 try:
                     started = await asyncio.gather(*(self._launch() for _ in range(wanted)), return_exceptions=True)

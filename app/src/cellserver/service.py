@@ -109,16 +109,35 @@ class ServiceHandler(PublicAPIHandler):
         self.finish(json.dumps(answer, default=str))
 
 
-def probe_computation() -> tuple[str, str]:
-    """A sum no cache can answer (upstream's monitoring check, without its plot: load balancers probe every
-    second, and the plot is the health timer's job). The code and the stdout it must give."""
+def probe_sum() -> tuple[str, str]:
+    """Two random integers to add, as upstream's monitoring check does: an expression no cache can answer,
+    and the text it must give."""
     a, b = (secrets.randbelow(1 << 32) - (1 << 31) for _ in range(2))
-    return f"print({a} + {b})", str(a + b)
+    return f"{a} + {b}", str(a + b)
+
+
+async def evaluate_quietly(kernel: Kernel, expression: str, timeout: float) -> str | None:
+    """expression's value as text, evaluated by the kernel without a trace: a silent request keeps no
+    history and no execution count, and an expression assigns nothing. None when the kernel did not answer."""
+    try:
+        reply = await asyncio.wait_for(
+            kernel.client.execute_interactive(
+                "", silent=True, store_history=False, user_expressions={"probe": expression}, allow_stdin=False,
+                timeout=timeout,
+            ),
+            timeout,
+        )  # fmt: skip
+    except (asyncio.TimeoutError, TimeoutError):
+        return None
+    value = reply["content"].get("user_expressions", {}).get("probe", {})
+    return value.get("data", {}).get("text/plain") if value.get("status") == "ok" else None
 
 
 class HealthProbe:
     """One real computation, shared: load balancers probe every second, a kernel per probe would be a load
-    of its own. A result younger than max_age answers; an older one starts a fresh computation.
+    of its own. A result younger than max_age answers; an older one starts a fresh computation: a reserve
+    kernel adds two random numbers and stays in the reserve, or, with the reserve empty, a kernel of its own
+    prints their sum.
 
     While that computation runs, probes get the previous result at once (for up to HEALTH_TIMEOUT_SECONDS
     more) instead of waiting for it: a probe that waits on a computation holds its connection open, and a
@@ -168,15 +187,22 @@ class HealthProbe:
         return result
 
     async def _compute_once(self) -> str | None:
+        expression, expected = probe_sum()
+        kernel = await self.pool.borrow(HEALTH_TIMEOUT_SECONDS)
+        if kernel is not None:
+            # A waiting reserve kernel adds the numbers and stays in the reserve: a kernel start per probe
+            # would cost an emulated cell most of its CPU while it serves nobody.
+            value = await evaluate_quietly(kernel, expression, HEALTH_TIMEOUT_SECONDS)
+            self.pool.give_back(kernel, usable=value == expected)
+            return None if value == expected else f"a reserve kernel answered {value!r}, not {expected}"
         try:
             kernel = await self.pool.acquire()
         except KernelStartError as error:
             return f"a kernel failed to start: {error}"
         except KernelsBusyError:
             return "no kernel available"
-        code, expected = probe_computation()
         try:
-            answer = await execute(kernel, code, {}, HEALTH_TIMEOUT_SECONDS)
+            answer = await execute(kernel, f"print({expression})", {}, HEALTH_TIMEOUT_SECONDS)
         finally:
             self.pool.release(kernel)
         if answer["success"] and answer["stdout"].strip() == expected:
