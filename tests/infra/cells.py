@@ -33,10 +33,11 @@ POST_MANY = r"""
 import json, sys, time, urllib.error, urllib.parse, urllib.request
 data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
 retry_until = time.monotonic() + float(sys.argv[4])
+url, patience = "http://127.0.0.1:%s/service" % sys.argv[1], float(sys.argv[5])
 def one(_):
     while True:
         try:
-            with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
+            with urllib.request.urlopen(url, data=data, timeout=patience) as answer:
                 return {"status": answer.status, "body": json.load(answer)}
         except urllib.error.HTTPError as error:
             if error.code != 503 or time.monotonic() > retry_until:
@@ -62,11 +63,12 @@ class Cell:
         output = self.host.check_output(f"python3 -c {shlex.quote(POST)} {self.port} {shlex.quote(code)}")
         return json.loads(output)
 
-    def compute_many(self, code: str, count: int, retry_busy_seconds: float = 0) -> list[dict]:
+    def compute_many(self, code: str, count: int, retry_busy_seconds: float = 0, patience: float = 120) -> list[dict]:
         """count computations of code at once, from threads of one process on the cell; each one refused as
-        busy (503) is sent again, as a client honouring Retry-After would, for up to retry_busy_seconds."""
+        busy (503) is sent again, as a client honouring Retry-After would, for up to retry_busy_seconds. Each
+        answer is waited for up to patience seconds."""
         script = f"from concurrent.futures import ThreadPoolExecutor\n{POST_MANY}"
-        arguments = f"{self.port} {shlex.quote(code)} {count} {retry_busy_seconds}"
+        arguments = f"{self.port} {shlex.quote(code)} {count} {retry_busy_seconds} {patience}"
         return json.loads(self.host.check_output(f"python3 -c {shlex.quote(script)} {arguments}"))
 
     def stdout(self, code: str) -> str:

@@ -114,7 +114,8 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
             # spread them over seconds of emulated CPU).
             # A holder refused while the pool still refills after the tests before (a worker being reset,
             # its kernel on the way) tries again, as a client would: this test is about a full pool.
-            holding = background.submit(cell.compute_many, hold, slots, limit / 3)
+            # Each may wait for a kernel start (up to the start timeout, 30 s) before it holds for the wall limit.
+            holding = background.submit(cell.compute_many, hold, slots, limit / 3, limit + 90)
             deadline = time.monotonic() + limit - 2
             running = "0"
             while running != str(slots) and time.monotonic() < deadline:

@@ -277,7 +277,10 @@ def test_fork_bomb_and_memory_hog_are_contained(pool: Pool, clean_workers: None)
         limit = int(pool.host.check_output(f"systemctl show -P TasksMax cellworkers-{bomber}.slice"))
         assert 0 < tasks <= limit
         under_load = fresh_ssh_seconds(pool.node)
-        assert under_load < 5, f"SSH took {under_load:.1f} s under the fork bomb (idle: {baseline:.1f} s)"
+        # Relative to the same login idle: an emulated cell's one vCPU is slow even when nothing runs (2.6 s
+        # seen), and uncontained the bomb leaves sshd no process to fork at all.
+        slow = f"SSH took {under_load:.1f} s under the fork bomb (idle: {baseline:.1f} s)"
+        assert under_load < max(5, 3 * baseline), slow
         result = run_as_worker(pool, bystander, "python3 -c 'print(sum(range(10**6)))'")
         assert result.stdout.strip() == str(sum(range(10**6))), result.stderr
         oom = pool.host.check_output(f"cat /sys/fs/cgroup/cellworkers.slice/cellworkers-{hog}.slice/memory.events")
