@@ -154,6 +154,36 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]
     running.stop()
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process under pid: its children, theirs, and so on."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, pending = set(), [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.add(child)
+            pending.append(child)
+    return found
+
+
+def only_child(parent: int, other_than: int | None = None, patience: float = 10) -> int:
+    """The single child parent settles on (the kernel that just ran has exited), and not other_than."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        children = descendants(parent)
+        if len(children) == 1 and other_than not in children:
+            return children.pop()
+        time.sleep(0.05)
+    raise AssertionError(f"process {parent} kept children {sorted(descendants(parent))}")
+
+
 def compute_server(tmp_path: Path, *options: str, python: str = sys.executable) -> Service:
     return Service(port=free_port(), database=tmp_path / "unused", arguments=("serve", *options), python=python)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Service, compute_server, sage_python
+from conftest import Service, compute_server, descendants, only_child, sage_python
 
 LOCAL3_INFO = 19 * 8 + 6  # syslog priority: facility local3 (19), severity info (6)
 
@@ -126,30 +126,6 @@ def test_a_successful_computation_is_the_health_evidence(tmp_path: Path) -> None
     assert status == 200 and json.loads(body) == {"healthy": True}
 
 
-def children_of(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            children.append(int(entry.name))
-    return children
-
-
-def settled_reserve(server: Service, patience: float = 60) -> int:
-    """The pid of the reserve's one kernel, once the provider runs nothing else."""
-    provider = provider_of(server)
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        children = children_of(provider)
-        if len(children) == 1:
-            return children[0]
-        time.sleep(0.05)
-    raise AssertionError(f"the provider kept {children_of(provider)} running")
-
-
 @pytest.mark.parametrize("kernel", ["python3", "sage"])
 def test_health_computations_start_no_kernel_while_the_reserve_has_one(tmp_path: Path, kernel: str) -> None:
     # An idle cell spent a kernel start on every refresh: on an emulated cell that was most of its CPU.
@@ -161,12 +137,13 @@ def test_health_computations_start_no_kernel_while_the_reserve_has_one(tmp_path:
     server = compute_server(tmp_path, "--config", str(settings), python=python)
     server.start()
     try:
-        reserve = settled_reserve(server)
-        provider, kernels = provider_of(server), {reserve}
+        provider = provider_of(server)
+        reserve = only_child(provider, patience=60)  # the reserve's kernel, once the provider runs nothing else
+        kernels = {reserve}
         for _ in range(200):
             status, _headers, body = server.request("GET", "/health")
             assert status == 200, body
-            kernels.update(children_of(provider))
+            kernels.update(descendants(provider))
     finally:
         server.stop()
     assert kernels == {reserve}, f"the probes started {len(kernels) - 1} kernels"

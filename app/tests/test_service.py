@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Service, compute_server
+from conftest import Service, compute_server, descendants, only_child
 
 
 def run(compute: Service, code: str, **fields: str) -> tuple[int, dict[str, str], dict]:
@@ -134,24 +134,6 @@ def test_a_kernel_that_cannot_start_is_not_called_busy(tmp_path: Path) -> None:
     assert health_status == 503 and "a kernel failed to start" in json.loads(health_body)["error"]
 
 
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    found, pending = set(), [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.add(child)
-            pending.append(child)
-    return found
-
-
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -206,17 +188,6 @@ def test_the_memory_limit_refuses_an_allocation_past_it(limited: Service) -> Non
     assert status == 200 and answer["success"] is False
     assert answer["execute_reply"]["ename"] == "MemoryError"
     assert run(limited, "x = bytearray(64 << 20); print(len(x))")[2]["stdout"] == f"{64 << 20}\n"
-
-
-def only_child(parent: int, other_than: int | None = None, patience: float = 10) -> int:
-    """The single child parent settles on (the kernel that just ran has exited), and not other_than."""
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        children = descendants(parent)
-        if len(children) == 1 and other_than not in children:
-            return children.pop()
-        time.sleep(0.05)
-    raise AssertionError(f"process {parent} kept children {sorted(descendants(parent))}")
 
 
 def test_a_reserve_kernel_killed_while_waiting_is_replaced(compute: Service) -> None:

@@ -301,10 +301,9 @@ class KernelPool:
             with contextlib.suppress(asyncio.QueueEmpty):
                 kernel = self._ready.get_nowait()
                 self._wakeup.set()
-                if not kernel.alive():  # killed while it waited (a reset, the OOM killer): replace it
-                    self.release(kernel)
-                    continue
-                return kernel
+                if self._still_running(kernel):
+                    return kernel
+                continue
             if self._live < self.max_kernels:
                 self._launching.add(ticket)
                 try:
@@ -327,10 +326,16 @@ class KernelPool:
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11 (EL9)
                 continue
             self._wakeup.set()
-            if not kernel.alive():
-                self.release(kernel)
-                continue
-            return kernel
+            if self._still_running(kernel):
+                return kernel
+
+    def _still_running(self, kernel: Kernel) -> bool:
+        """Whether a kernel taken from the reserve still runs; one killed while it waited (a reset, the OOM
+        killer) is released, and the refill replaces it."""
+        if kernel.alive():
+            return True
+        self.release(kernel)
+        return False
 
     def provider_silent_for(self) -> float:
         """How long the oldest unanswered kernel start has waited for the provider (0 when none waits)."""
@@ -353,10 +358,9 @@ class KernelPool:
         while True:
             with contextlib.suppress(asyncio.QueueEmpty):
                 kernel = self._ready.get_nowait()
-                if kernel.alive():
+                if self._still_running(kernel):
                     self._borrowed += 1
                     return kernel
-                self.release(kernel)
                 continue
             if not self._reserve_on_its_way() or time.monotonic() > deadline:
                 return None
@@ -383,12 +387,9 @@ class KernelPool:
     def release(self, kernel: Kernel) -> None:
         """Single use: the provider kills the kernel and everything it started, and resets its worker."""
         kernel.client.stop_channels()
-        task = asyncio.create_task(self._release(kernel))
+        task = asyncio.create_task(self._release_by_id(kernel.kernel_id))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
-
-    async def _release(self, kernel: Kernel) -> None:
-        await self._release_by_id(kernel.kernel_id)
 
     async def _release_by_id(self, kernel_id: str) -> None:
         self.provider.deaths.pop(kernel_id, None)
