@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -280,3 +282,49 @@ def test_a_health_evaluation_leaves_no_trace_in_the_reserve_kernel() -> None:
     assert values == ["40", "41", "42"]
     assert answer["execute_reply"]["execution_count"] == 1, answer
     assert answer["stdout"] == "2 ''\n", answer  # In holds only this cell, and no result was kept
+
+
+async def an_idle_pool_probed(rounds: int) -> PoolOfStubKernels:
+    """A pool keeping two kernels in reserve, its reserve borrowed and given back rounds times, then idle."""
+    pool = PoolOfStubKernels(PoolSettings(max_kernels=4, preforked=2))
+    await pool.start()
+    try:
+        for _ in range(rounds):
+            kernel = await pool.borrow(patience=5)
+            assert kernel is not None, "no reserve kernel came"
+            pool.give_back(kernel, usable=True)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+    finally:
+        await pool.stop()
+    return pool
+
+
+def test_kernels_the_servers_proc_cannot_see_stay_in_the_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cell server's unit hides other users' processes (ProtectProc=invisible), and pooled kernels run as
+    # workers: a kernel whose /proc entry cannot be read was taken for dead, so the reserve was released and
+    # started again without end, and an idle cell spent its whole CPU starting kernels.
+    read_text = Path.read_text
+
+    def hidden_proc(path: Path, *args: Any, **kwargs: Any) -> str:
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", hidden_proc)
+    pool = asyncio.run(asyncio.wait_for(an_idle_pool_probed(rounds=10), 30))
+    assert pool.started == ["k0", "k1"], f"{len(pool.started)} kernels started for a reserve of 2"
+
+
+def test_a_kernel_whose_process_is_gone_is_dead_though_its_proc_entry_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Path, "read_text", lambda *_args, **_kwargs: (_ for _ in ()).throw(PermissionError()))
+    child = subprocess.Popen(["sleep", "60"])
+    kernel = Kernel("k", child.pid, None, ClientWithoutChannels(), asyncio.Event())  # type: ignore[arg-type]
+    try:
+        assert kernel.alive()
+    finally:
+        child.kill()
+        child.wait()
+    assert not kernel.alive()

@@ -229,8 +229,21 @@ class Kernel:
         try:
             state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
-            return False
+            # A pooled kernel runs as a worker, and the server's /proc shows only its own processes
+            # (ProtectProc=invisible): whether the process exists is all that can be told.
+            return process_exists(self.pid)
         return state not in ("Z", "X")
+
+
+def process_exists(pid: int) -> bool:
+    """Whether pid names a process, of any user (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class KernelPool:
