@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cellserver.cli import pool_settings
 from cellserver.config import ConfigError, ServerConfig, load
 from conftest import Service, compute_server
 
@@ -38,6 +39,7 @@ def test_file_values_then_flags_override(tmp_path: Path) -> None:
         ('allowed_origins = "a.example"', "'a.example' is not an origin"),
         ('tos_file = "/nonexistent/tos.html"', "tos_file '/nonexistent/tos.html' is not a readable file"),
         ('kernel = "octave"', "kernel must be python3 or sage"),
+        ("kernel_start_timeout = 0", "kernel_start_timeout must be from 1 to 600, got 0"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, text: str, message: str) -> None:
@@ -89,3 +91,10 @@ def test_a_sage_kernel_without_passagemath_is_refused_at_the_check(tmp_path: Pat
     )  # fmt: skip
     assert result.returncode == 2
     assert "kernel = sage needs passagemath" in result.stderr
+
+
+def test_the_pool_gets_the_kernel_start_timeout_and_limits_of_the_file(tmp_path: Path) -> None:
+    text = "kernel_start_timeout = 75\ncpu_seconds = 12\nmemory_mb = 512\nidle_seconds = 60\npreforked = 3\n"
+    settings = pool_settings(load(write(tmp_path, text), {}))
+    assert (settings.start_timeout, settings.cpu_seconds, settings.memory_bytes) == (75, 12, 512 << 20)
+    assert (settings.idle_seconds, settings.preforked) == (60, 3)

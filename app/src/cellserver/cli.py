@@ -9,10 +9,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellserver import __version__
 from cellserver import config as config_module
 from cellserver.config import ServerConfig
+
+if TYPE_CHECKING:
+    from cellserver.kernels import PoolSettings
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -82,9 +86,25 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     return config_module.load(args.config, overrides)
 
 
+def pool_settings(config: ServerConfig) -> PoolSettings:
+    """The kernel pool's settings from the server's: the kernels module (and zmq) load only to serve."""
+    from cellserver.kernels import PoolSettings
+
+    return PoolSettings(
+        max_kernels=config.max_kernels,
+        preforked=config.preforked,
+        cpu_seconds=config.cpu_seconds,
+        memory_bytes=config.kernel_memory_mb() << 20,
+        idle_seconds=config.idle_seconds,
+        start_timeout=config.kernel_start_timeout,
+        provider_socket=config.provider_socket,
+        kernel=config.kernel,
+    )
+
+
 async def run_serve(config: ServerConfig) -> None:
     from cellserver import computation_log, systemd
-    from cellserver.kernels import KernelPool, PoolSettings
+    from cellserver.kernels import KernelPool
     from cellserver.service import make_app
     from cellserver.sessions import SessionManager
 
@@ -94,16 +114,7 @@ async def run_serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
     computation_log.setup(config.syslog_socket)
-    settings = PoolSettings(
-        max_kernels=config.max_kernels,
-        preforked=config.preforked,
-        cpu_seconds=config.cpu_seconds,
-        memory_bytes=config.kernel_memory_mb() << 20,
-        idle_seconds=config.idle_seconds,
-        provider_socket=config.provider_socket,
-        kernel=config.kernel,
-    )
-    pool = KernelPool(settings)
+    pool = KernelPool(pool_settings(config))
     await pool.start()
     store = None
     if not config.permalink_url:

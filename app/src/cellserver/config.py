@@ -28,6 +28,9 @@ class ServerConfig:
     preforked: int = 2
     timeout: float = 30.0
     idle_seconds: float = 900.0
+    # Seconds a kernel may take from the request for it to its first answer; kernels starting at once share
+    # the CPU, so a slow machine needs more.
+    kernel_start_timeout: float = 30.0
     cpu_seconds: int = 30
     # Address space per kernel, MiB; 0: the kernel's own need (KERNEL_MEMORY_MB).
     memory_mb: int = 0
@@ -73,6 +76,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "preforked": (0, 1000),
     "timeout": (0.1, 3600),
     "idle_seconds": (1, 86400),
+    "kernel_start_timeout": (1, 600),
     "cpu_seconds": (1, 86400),
     "memory_mb": (0, 1 << 20),
     "health_max_age": (0, 300),
