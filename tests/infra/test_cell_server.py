@@ -10,6 +10,8 @@ import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from cells import Cell
 from conftest import main_pid
 
@@ -67,7 +69,7 @@ def test_what_a_computation_leaves_is_gone_after_its_answer(cell: Cell) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         left = cell.host.run(f"ps -o pid= -u {uid}").stdout
-        left += cell.in_kernels_view(f"find / -xdev -ignore_readdir_race -user {uid} -name left-behind")
+        left += cell.find_in_kernels_view("/", f"-user {uid} -name left-behind")
         if pid not in left.split() and "left-behind" not in left:
             break
         time.sleep(1)
@@ -98,6 +100,7 @@ def test_a_computation_cannot_read_what_another_left_running(cell: Cell) -> None
     assert "'a'" not in stolen, stolen
 
 
+@pytest.mark.load
 def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
     slots = len(cell.uids)
     # Nothing else may take a worker meanwhile: load balancers probe /health through nginx, and the health
@@ -128,7 +131,8 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
     finally:
         cell.host.run(f"systemctl start {' '.join(quiet)}" if quiet else "true")
         cell.wait_until_idle()  # the next test needs a free worker: the holders' workers are being reset
-    assert running == str(slots), f"only {running} of {slots} workers ran a holder at once"
+    not_held = [answer for answer in answers if answer["status"] != 200]
+    assert running == str(slots), f"only {running} of {slots} workers ran a holder at once; refused: {not_held}"
     assert refused["status"] == 503, refused
     assert refused["headers"]["Retry-After"].isdigit()
     assert waited < 6, "a full pool must answer at once, not queue the request"
@@ -143,6 +147,36 @@ def test_the_wall_limit_and_the_memory_limit_hold(cell: Cell) -> None:
     assert time.monotonic() - started < limit + 30
     memory = cell.compute("x = bytearray(8 << 30)")["body"]
     assert memory["execute_reply"]["ename"] == "MemoryError"
+
+
+def reserve_kernels(cell: Cell) -> set[str]:
+    """The pids of the kernels the provider runs as workers (with nobody computing: the reserve)."""
+    provider = main_pid(cell.host, "cellfleet-kernel-provider")
+    children = [line.split() for line in cell.host.run(f"ps -o pid=,uid= --ppid {provider}").stdout.splitlines()]
+    return {pid for pid, uid in children if int(uid) in cell.uids}
+
+
+def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> None:
+    # A server that took every reserve kernel for dead released and restarted them without end: the idle
+    # cell's whole CPU went on starting kernels, and every computation waited seconds for one.
+    wanted = int(cell.node.variables.get("cell_server_preforked", 2))
+    fetch = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=60).read()"
+    cell.host.run_test("systemctl stop cellfleet-cell-health.timer")
+    try:
+        cell.wait_until_idle()
+        deadline = time.monotonic() + 120
+        while len(kernels := reserve_kernels(cell)) < wanted:
+            assert time.monotonic() < deadline, f"the reserve holds {len(kernels)} of {wanted} kernels after 120 s"
+            time.sleep(1)
+        # /health refreshes (in a reserve kernel) once its answer is older than cell_server_health_max_age.
+        max_age = float(cell.node.variables.get("cell_server_health_max_age", 5))
+        for _ in range(4):
+            cell.host.run_test(f"python3 -c {shlex.quote(fetch)}")
+            time.sleep(max_age + 1)
+        after = reserve_kernels(cell)
+    finally:
+        cell.host.run("systemctl start cellfleet-cell-health.timer")
+    assert after == kernels, f"reserve kernels {sorted(kernels)} became {sorted(after)} with nobody computing"
 
 
 def test_the_health_endpoint_runs_a_computation(cell: Cell) -> None:
