@@ -150,6 +150,10 @@ molecule-relabel: image lab-host ## SELinux relabel path: damaged labels, permis
 verify: venv ## testinfra suite against the running lab (after `make up`)
 	@pytest -q tests/infra --hosts='ansible://all' --ansible-inventory=$(INVENTORY) -p no:cacheprovider
 
+.PHONY: verify-load
+verify-load: venv ## Load and fault tests (full pool, log host down, reloads under a flood) on the lab; after `make up`
+	@pytest -q tests/infra -m load --durations=0 --hosts='ansible://all' --ansible-inventory=$(INVENTORY) -p no:cacheprovider
+
 .PHONY: test
 test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests, molecule on real VMs
 

@@ -76,10 +76,16 @@ class Cell:
         assert answer["status"] == 200, answer
         return answer["body"]["stdout"]
 
-    def in_kernels_view(self, command: str) -> str:
-        """command's output, run in the kernel provider's mount namespace: the kernels' private /tmp, /var/tmp, /dev."""
+    def find_in_kernels_view(self, roots: str, tests: str) -> str:
+        """What find prints for tests under roots, seen from the kernel provider's mount namespace (the
+        kernels' private /tmp, /var/tmp, /dev). A worker's reset may remove entries while find walks past
+        them: an entry gone by the time find reads it is no error."""
         provider = main_pid(self.host, "cellfleet-kernel-provider")
-        return self.host.check_output(f"nsenter -t {provider} -m sh -c {shlex.quote(command)}")
+        command = f"find {roots} -xdev -ignore_readdir_race {tests}"
+        found = self.host.run(f"nsenter -t {provider} -m sh -c {shlex.quote(command)}")
+        errors = [line for line in found.stderr.splitlines() if not line.endswith("No such file or directory")]
+        assert found.rc == 0 or (found.rc == 1 and not errors), found
+        return found.stdout
 
     def wait_until_idle(self) -> None:
         """No worker still being reset from an earlier computation, so every slot can take one."""

@@ -164,3 +164,11 @@ def mesh_reachability(
                 for port in PROBE_PORTS:
                     matrix[(source.name, target.name, port)] = statuses[(mesh_addresses[target.name], port)]
     return matrix
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "load: saturates a cell or the cluster, or takes a host down under traffic; `make verify-load` runs these "
+        "against the lab, `make test` leaves them out",
+    )

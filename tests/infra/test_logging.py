@@ -103,14 +103,24 @@ def test_nginx_logs_requests_but_not_passing_health_checks(log_host: Node, clien
 
 def start_writer(client: Node, program: str, lines: int, interval: float) -> None:
     """A transient unit on the client writing numbered lines, one every interval seconds."""
-    script = f'for i in $(seq 1 {lines}); do logger -t {program} "line $i of {lines}"; sleep {interval}; done'
-    client.host.run_test(f"systemd-run --unit={program} --collect bash -c {shlex.quote(script)}")
+    # One process on a clock: a shell loop forking logger and sleep per line drifts to minutes on a busy
+    # emulated cell, and then still writes after the outage it is meant to span.
+    script = (
+        "import syslog, time\n"
+        f"syslog.openlog({program!r})\n"
+        "started = time.monotonic()\n"
+        f"for number in range(1, {lines} + 1):\n"
+        f"    syslog.syslog(f'line {{number}} of {lines}')\n"
+        f"    time.sleep(max(0.0, started + number * {interval} - time.monotonic()))\n"
+    )
+    client.host.run_test(f"systemd-run --unit={program} --collect python3 -c {shlex.quote(script)}")
 
 
 def numbers_received(log_host: Node, client: Node, program: str) -> set[int]:
     return {int(line.split("line ")[1].split()[0]) for line in received(log_host, client, program) if "line " in line}
 
 
+@pytest.mark.load
 def test_nothing_is_lost_while_the_log_host_is_down(log_host: Node, clients: list[Node]) -> None:
     program = tag()
     interval = 0.25

@@ -224,6 +224,7 @@ def wait_until_every_cell_is_up(lb: Node, backends: list[Node], seconds: float =
     print(f"every cell UP after {time.monotonic() - started:.1f} s")
 
 
+@pytest.mark.load
 def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[str, Node]) -> None:
     lb = load_balancer(lab)
     backends = cells(lab)

@@ -39,9 +39,8 @@ def until_nothing_left(look: Callable[[], str]) -> str:
 
 def files_left(cell: Cell, uid: int, name: str) -> str:
     """The files called name* the worker still owns after its computation's release, as root sees them."""
-    # A reset may remove files while find walks past them: that is not an error here.
-    search = f"find / /dev/shm {KERNEL_RUNTIME_DIR} -xdev -ignore_readdir_race -user {uid} -name '{name}*'"
-    return until_nothing_left(lambda: cell.in_kernels_view(search))
+    roots = f"/ /dev/shm {KERNEL_RUNTIME_DIR}"
+    return until_nothing_left(lambda: cell.find_in_kernels_view(roots, f"-user {uid} -name '{name}*'"))
 
 
 @pytest.fixture(scope="module")
