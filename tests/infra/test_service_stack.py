@@ -11,7 +11,7 @@ import json
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 from sending import concurrent_requests_command, script_command
@@ -60,6 +60,7 @@ def test_a_computation_through_the_load_balancer(lab: dict[str, Node]) -> None:
 
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+SESSIONS = 6
 
 
 def test_sagemathcells_own_monitoring_probe_passes_through_the_load_balancer(lab: dict[str, Node]) -> None:
@@ -81,6 +82,40 @@ def test_webwork_requests_get_sages_answers_through_the_load_balancer(lab: dict[
                                           {"code": code, "accepted_tos": "true"})  # fmt: skip
         assert status == 200, body
         assert json.loads(body)["stdout"] == stdout, (code, body)
+
+
+def stuck_sessions(lb: Node) -> dict[str, str]:
+    """HAProxy's routing of kernel sessions: kernel id (or CellSessionID) -> the cell it is kept with."""
+    table = admin(lb, "show table cells")
+    pairs = (dict(field.split("=", 1) for field in line.split()[1:]) for line in table.splitlines()[1:] if line)
+    return {pair["key"]: pair["server_key"] for pair in pairs}
+
+
+def cell_server_python(cell: Node) -> str:
+    """The python of the cell server's venv, read from its unit: it has tornado, the system python3 has not."""
+    start = cell.host.check_output("systemctl show -p ExecStart --value cellserver.service")
+    return str(PurePosixPath(start.split("path=", 1)[1].split()[0]).parent / "python3")
+
+
+def test_interactive_sessions_reach_their_own_cell_through_the_load_balancer(lab: dict[str, Node]) -> None:
+    # Upstream's interactive client: POST /kernel on one connection, then the kernel's WebSocket (wss, as
+    # the cell reports it behind TLS) on another; with two cells, leastconn alone sends the WebSocket to the
+    # other cell half the time, which answers 404 "no such kernel".
+    lb = load_balancer(lab)
+    client = cells(lab)[0]  # its venv has tornado, which the client uses
+    before = stuck_sessions(lb)
+    arguments = (f"https://{lb.address}", "print(2^10)", "--insecure", "--timeout", "120")
+    command = script_command(CLIENTS / "sagecell_session_client.py", *arguments)
+    command = command.replace("python3", cell_server_python(client), 1)
+    for _ in range(SESSIONS):
+        session = client.host.run(command)
+        assert session.rc == 0, session.stderr
+        streams = [m["content"] for m in json.loads(session.stdout)["iopub"] if m["header"]["msg_type"] == "stream"]
+        assert "".join(stream["text"] for stream in streams) == "1024\n", streams
+    routed = {key: cell for key, cell in stuck_sessions(lb).items() if key not in before}
+    assert len(routed) == SESSIONS, routed
+    if len(cells(lab)) > 1:
+        assert len(set(routed.values())) > 1, f"every session went to one cell, the routing was not tried: {routed}"
 
 
 def test_plain_http_is_redirected_to_https(lab: dict[str, Node]) -> None:
