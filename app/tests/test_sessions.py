@@ -68,6 +68,12 @@ async def run_to_idle(connection: WebSocketClientConnection, code: str) -> list[
     """Send code and collect the messages up to its reply and the kernel's idle status."""
     request = execute_request(code)
     connection.write_message(json.dumps(request))
+    return await read_to_idle(connection, request)
+
+
+async def read_to_idle(connection: WebSocketClientConnection, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages answering request, up to its reply and the kernel's idle status: the reply (shell) may
+    come before the output (iopub), the idle status never does."""
     messages, replied, idle = [], False, False
     while not (replied and idle):
         text = await asyncio.wait_for(connection.read_message(), 20)
@@ -280,9 +286,7 @@ def test_one_session_cannot_reach_another(server: Service) -> None:
         request = execute_request("print(globals().get('secret'))")
         request["header"]["session"] = theirs["id"]
         my_connection.write_message(json.dumps(request))
-        mine_seen = []
-        while not any(m["msg_type"] == "execute_reply" for m in mine_seen):
-            mine_seen.append(json.loads(await asyncio.wait_for(my_connection.read_message(), 20)))
+        mine_seen = await read_to_idle(my_connection, request)
         theirs_after = await run_to_idle(their_connection, "print(secret)")
         my_connection.close()
         their_connection.close()
