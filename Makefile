@@ -146,13 +146,15 @@ molecule: image lab-host ## Molecule scenario on real VMs: create, converge, ide
 molecule-relabel: image lab-host ## SELinux relabel path: damaged labels, permissive relabel boot, enforcing (~6 min)
 	@cd tests && molecule test --scenario-name selinux_relabel
 
+VERIFY_LAB := pytest -q tests/infra --hosts='ansible://all' --ansible-inventory=$(INVENTORY) -p no:cacheprovider
+
 .PHONY: verify
 verify: venv ## testinfra suite against the running lab (after `make up`)
-	@pytest -q tests/infra --hosts='ansible://all' --ansible-inventory=$(INVENTORY) -p no:cacheprovider
+	@$(VERIFY_LAB)
 
 .PHONY: verify-load
 verify-load: venv ## Load and fault tests (full pool, log host down, reloads under a flood) on the lab; after `make up`
-	@pytest -q tests/infra -m load --durations=0 --hosts='ansible://all' --ansible-inventory=$(INVENTORY) -p no:cacheprovider
+	@$(VERIFY_LAB) -m load --durations=0
 
 .PHONY: test
 test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests, molecule on real VMs

@@ -300,26 +300,30 @@ async def an_idle_pool_probed(rounds: int) -> PoolOfStubKernels:
     return pool
 
 
-def test_kernels_the_servers_proc_cannot_see_stay_in_the_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The cell server's unit hides other users' processes (ProtectProc=invisible), and pooled kernels run as
-    # workers: a kernel whose /proc entry cannot be read was taken for dead, so the reserve was released and
-    # started again without end, and an idle cell spent its whole CPU starting kernels.
+@pytest.fixture
+def hidden_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc as the cell server's unit sees it (ProtectProc=invisible): other users' entries do not exist."""
     read_text = Path.read_text
 
-    def hidden_proc(path: Path, *args: Any, **kwargs: Any) -> str:
+    def read_unless_proc(path: Path, *args: Any, **kwargs: Any) -> str:
         if str(path).startswith("/proc/"):
             raise FileNotFoundError(path)
         return read_text(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", hidden_proc)
+    monkeypatch.setattr(Path, "read_text", read_unless_proc)
+
+
+@pytest.mark.usefixtures("hidden_proc")
+def test_kernels_the_servers_proc_cannot_see_stay_in_the_reserve() -> None:
+    # The cell server's unit hides other users' processes, and pooled kernels run as workers: a kernel whose
+    # /proc entry cannot be read was taken for dead, so the reserve was released and started again without
+    # end, and an idle cell spent its whole CPU starting kernels.
     pool = asyncio.run(asyncio.wait_for(an_idle_pool_probed(rounds=10), 30))
     assert pool.started == ["k0", "k1"], f"{len(pool.started)} kernels started for a reserve of 2"
 
 
-def test_a_kernel_whose_process_is_gone_is_dead_though_its_proc_entry_cannot_be_read(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(Path, "read_text", lambda *_args, **_kwargs: (_ for _ in ()).throw(PermissionError()))
+@pytest.mark.usefixtures("hidden_proc")
+def test_a_kernel_whose_process_is_gone_is_dead_though_its_proc_entry_cannot_be_read() -> None:
     child = subprocess.Popen(["sleep", "60"])
     kernel = Kernel("k", child.pid, None, ClientWithoutChannels(), asyncio.Event())  # type: ignore[arg-type]
     try:
