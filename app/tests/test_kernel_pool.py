@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -332,3 +333,39 @@ def test_a_kernel_whose_process_is_gone_is_dead_though_its_proc_entry_cannot_be_
         child.kill()
         child.wait()
     assert not kernel.alive()
+
+
+async def computation_whose_kernel_dies_while_its_provider_is_stopped() -> tuple[dict[str, Any], float]:
+    """A real kernel killed mid-computation while its provider is stopped (it can neither reap the kernel nor
+    report its death): the computation's answer, and how long after the kill it came."""
+    pool = KernelPool(PoolSettings(max_kernels=1, preforked=0))
+    await pool.start()
+    provider = pool.provider.process
+    assert provider is not None
+    try:
+        kernel = await pool.acquire()
+        running = asyncio.ensure_future(execute(kernel, "import time; time.sleep(600)", {}, 600))
+        await asyncio.sleep(0.5)  # the request is on its way; the kernel's answer would take ten minutes
+        os.kill(provider.pid, signal.SIGSTOP)
+        os.kill(kernel.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        answer = await asyncio.wait_for(running, 30)
+        took = time.monotonic() - killed
+        alive_after = kernel.alive()
+        os.kill(provider.pid, signal.SIGCONT)
+        pool.release(kernel)
+    finally:
+        os.kill(provider.pid, signal.SIGCONT)
+        await pool.stop()
+    assert not alive_after, "a zombie kernel counts as alive"
+    return answer, took
+
+
+@pytest.mark.usefixtures("hidden_proc")
+def test_a_kernel_that_dies_while_its_provider_is_stopped_ends_its_computation_at_once() -> None:
+    # Only the provider reported deaths: a kernel killed while the provider was stopped stayed a zombie that
+    # counted as alive, and every computation given to it waited out the wall limit (the cell's health check
+    # spent its whole timeout on each try).
+    answer, took = asyncio.run(computation_whose_kernel_dies_while_its_provider_is_stopped())
+    assert answer["execute_reply"]["ename"] == "KernelDied", answer
+    assert took < 5, f"the computation answered {took:.1f} s after its kernel died"

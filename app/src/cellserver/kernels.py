@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import queue
+import select
 import shutil
 import sys
 import tempfile
@@ -220,19 +221,43 @@ class Kernel:
     client: AsyncKernelClient
     died: asyncio.Event
     ready_since: float = field(default_factory=time.monotonic)
+    # A pidfd tells the server itself when the kernel exits, a zombie included, of any user and whatever
+    # /proc shows: the provider's death report cannot come while the provider is stopped or deadlocked.
+    pidfd: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self.died.set()
+        except (OSError, AttributeError):  # a kernel older than 5.3, or a Python without pidfd_open
+            self.pidfd = None
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def alive(self) -> bool:
         """Not reported dead by the provider, and its process still runs: a zombie is dead too (its provider
         has not reaped it yet, or cannot: it is stopped)."""
-        if self.died.is_set():
+        if self.died.is_set() or (self.pidfd is not None and process_exited(self.pidfd)):
             return False
         try:
+            # A leader shows as a zombie while its other threads still exit, before its pidfd turns readable.
             state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             # A pooled kernel runs as a worker, and the server's /proc shows only its own processes
-            # (ProtectProc=invisible): whether the process exists is all that can be told.
-            return process_exists(self.pid)
+            # (ProtectProc=invisible): the pidfd, or else whether the process exists, is all that can be told.
+            return self.pidfd is not None or process_exists(self.pid)
         return state not in ("Z", "X")
+
+
+def process_exited(pidfd: int) -> bool:
+    """Whether the process behind pidfd has ended (a pidfd turns readable at exit, before the reaping)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def process_exists(pid: int) -> bool:
@@ -400,6 +425,7 @@ class KernelPool:
     def release(self, kernel: Kernel) -> None:
         """Single use: the provider kills the kernel and everything it started, and resets its worker."""
         kernel.client.stop_channels()
+        self._stop_watching(kernel)
         task = asyncio.create_task(self._release_by_id(kernel.kernel_id))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
@@ -431,6 +457,7 @@ class KernelPool:
         client.start_channels(hb=False)
         died = self.provider.deaths.setdefault(answer["kernel_id"], asyncio.Event())
         kernel = Kernel(answer["kernel_id"], answer["pid"], answer["worker"], client, died)
+        self._watch_exit(kernel)
         try:
             await self._wait_until_ready(kernel)
         except BaseException:
@@ -440,6 +467,24 @@ class KernelPool:
             raise
         kernel.ready_since = time.monotonic()
         return kernel
+
+    def _watch_exit(self, kernel: Kernel) -> None:
+        """Mark the kernel dead the moment its process exits, so a computation in it ends then, and wake the
+        refill to replace a reserve kernel."""
+        if kernel.pidfd is None:
+            return
+        asyncio.get_running_loop().add_reader(kernel.pidfd, self._exited, kernel)
+
+    def _exited(self, kernel: Kernel) -> None:
+        self._stop_watching(kernel, close=False)
+        kernel.died.set()
+        self.provider.death_seen.set()
+
+    def _stop_watching(self, kernel: Kernel, close: bool = True) -> None:
+        if kernel.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(kernel.pidfd)
+            if close:
+                kernel.close()
 
     async def _ask_for_a_kernel(self) -> dict[str, Any]:
         """The provider's answer to a start, or ProviderError once the start timeout passes without one."""
