@@ -7,6 +7,7 @@ python3 against the load balancer's address inside the lab network.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import time
@@ -116,6 +117,26 @@ def test_interactive_sessions_reach_their_own_cell_through_the_load_balancer(lab
     assert len(routed) == SESSIONS, routed
     if len(cells(lab)) > 1:
         assert len(set(routed.values())) > 1, f"every session went to one cell, the routing was not tried: {routed}"
+
+
+# A plot the page fetches once its computation is done, and a link planted to read beyond the kernel's files.
+WRITE_AND_PLANT = "import os; open('plot.png', 'wb').write(bytes(range(256)) * 4); os.symlink('/etc/passwd', 'pw.txt')"
+
+
+def test_the_files_a_computation_wrote_reach_the_page_through_the_load_balancer(lab: dict[str, Node]) -> None:
+    # Upstream's page asks for no idle timeout: the session ends with its computation, and the page fetches
+    # the files the reply announced after that, from the cell that ran it (the worker's home is reset by then).
+    lb = load_balancer(lab)
+    client = cells(lab)[0]
+    arguments = (f"https://{lb.address}", WRITE_AND_PLANT, "--insecure", "--timeout", "120", "--fetch-files")
+    command = script_command(CLIENTS / "sagecell_session_client.py", *arguments)
+    session = client.host.run(command.replace("python3", cell_server_python(client), 1))
+    assert session.rc == 0, session.stderr
+    files = json.loads(session.stdout)["files"]
+    plot = hashlib.sha256(bytes(range(256)) * 4).hexdigest()
+    assert files.get("plot.png") == {"status": 200, "type": "image/png", "sha256": plot}, files
+    # Refused while the session lives, not kept once it ended: never served.
+    assert files.get("pw.txt", {}).get("status") in (403, 404), files
 
 
 def test_plain_http_is_redirected_to_https(lab: dict[str, Node]) -> None:

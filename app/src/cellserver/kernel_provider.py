@@ -12,7 +12,13 @@ Protocol, one JSON object per line, each request carrying an "id" its answer rep
     {"op": "start", "cpu_seconds": N, "memory_bytes": N}
                                        -> {"kernel_id", "pid", "worker", "connection": {...}}
                                           or {"error": TEXT, "busy": true when every worker is taken}
-    {"op": "release", "kernel_id": ID} -> {"released": ID}, sent once the worker is reset
+    {"op": "release", "kernel_id": ID, "retain_as": SESSION_ID (optional)}
+                                       -> {"released": ID}, sent once the worker is reset; with retain_as,
+                                          the files the kernel wrote are kept for the session first
+    {"op": "open_file", "kernel_id": ID, "path": P}
+                                       -> {} with a read-only descriptor of the kernel's file passed beside
+                                          it (socket clients only), or {"error": TEXT, "missing": true when
+                                          there is no such file}
 and, unasked, {"died": ID, "status": N} when a kernel exits before its release.
 A client that goes away has all its kernels released.
 """
@@ -35,6 +41,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +55,17 @@ os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 from ipykernel.kernelapp import IPKernelApp
 
 from cellserver import sagecell_hooks, systemd
+from cellserver.kernel_files import (
+    RETAIN_KEY,
+    RETAIN_TOTAL_BYTES,
+    RETAINED_DIRECTORY,
+    WORK_DIRECTORY,
+    FileRefusedError,
+    answer_with_descriptor,
+    open_kernel_file,
+    remove_expired,
+    retain_files,
+)
 from cellserver.worker_identity import Worker, WorkerPool, become_worker
 
 # Modules a kernel would otherwise import while it initialises, after the fork, every time (measured:
@@ -63,8 +81,8 @@ for _module in WARM_MODULES:
 log = logging.getLogger("cellserver.kernel_provider")
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+RETAIN_SWEEP_SECONDS = 30.0  # how often expired retained files are looked for
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
-WORK_DIRECTORY = "work"  # in each kernel's directory: the working directory of a kernel run as the current user
 
 KERNEL_ARGUMENTS = [
     # No history database in the worker's home, no banner, no extensions: a one-shot computation.
@@ -228,6 +246,7 @@ class Provider:
         signal.set_wakeup_fd(wakeup_writer)
         signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
         self.selector.register(self.wakeup_reader, selectors.EVENT_READ, "wakeup")
+        self.retained_bytes: dict[str, int] = {}  # session id -> bytes kept for it, oldest first
 
     # --- clients -------------------------------------------------------------------------------------
 
@@ -276,14 +295,46 @@ class Provider:
             elif op == "start":
                 answer = self.start(client, int(request.get("cpu_seconds", 0)), int(request.get("memory_bytes", 0)))
             elif op == "release":
-                if self.release(str(request.get("kernel_id")), (client, request_id)):
+                retain_as = request.get("retain_as")
+                if self.release(str(request.get("kernel_id")), (client, request_id), retain_as):
                     return  # answered when the worker is clean
                 answer = {"released": request.get("kernel_id")}
+            elif op == "open_file":
+                self.send_file(client, request_id, str(request.get("kernel_id")), str(request.get("path")))
+                return
             else:
                 answer = {"error": f"unknown op {op!r}"}
         except (ValueError, TypeError, OSError) as error:
             answer = {"error": str(error)}
         client.send({"id": request_id, **answer})
+
+    def send_file(self, client: Client, request_id: Any, kernel_id: str, relative: str) -> None:
+        """Open a file of a live kernel's working directory as the kernel's user may see it, and pass the
+        descriptor: the server cannot reach a worker's home itself."""
+        record = self.kernels.get(kernel_id)
+        descriptor = None
+        if record is None or record.release_id is not None:
+            answer: dict[str, Any] = {"error": "no such kernel", "missing": True}
+        elif client.reader != client.writer:
+            answer = {"error": "descriptors pass over the provider's socket only"}
+        else:
+            base, owner = kernel_working_directory(record)
+            try:
+                descriptor = open_kernel_file(base, relative, owner)
+                answer = {}
+            except FileNotFoundError:
+                answer = {"error": "no such file", "missing": True}
+            except FileRefusedError as error:
+                log.warning("kernel %s: file refused: %s", kernel_id, error)
+                answer = {"error": "this file is not served"}
+        try:
+            with socket.socket(fileno=os.dup(client.writer)) as connection:
+                answer_with_descriptor(connection, {"id": request_id, **answer}, descriptor)
+        except OSError:
+            client.closed = True
+        finally:
+            if descriptor is not None:
+                os.close(descriptor)
 
     # --- kernels -------------------------------------------------------------------------------------
 
@@ -327,7 +378,7 @@ class Provider:
                 os._exit(70)
         return pid
 
-    def release(self, kernel_id: str, answer_to: tuple[Client, Any] | None) -> bool:
+    def release(self, kernel_id: str, answer_to: tuple[Client, Any] | None, retain_as: Any = None) -> bool:
         """Kill the kernel's process group; True when the answer waits for the worker's reset."""
         record = self.kernels.get(kernel_id)
         if record is None or record.release_id is not None:
@@ -335,6 +386,8 @@ class Provider:
         record.client.kernels.discard(kernel_id)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(record.pid, signal.SIGKILL)
+        if isinstance(retain_as, str) and RETAIN_KEY.fullmatch(retain_as):
+            self.retain(record, retain_as)
         if record.worker is None:
             self.forget(record)
             return False
@@ -344,6 +397,37 @@ class Provider:
         reset = start_reset(self.settings, record.worker)
         self.resets[reset.pid] = (record, reset)
         return answer_to is not None
+
+    @property
+    def retained(self) -> Path:
+        return self.settings.runtime_dir / RETAINED_DIRECTORY
+
+    def retain(self, record: KernelRecord, key: str) -> None:
+        """Keep what the kernel wrote, before its worker's reset removes it, for the page to fetch."""
+        base, owner = kernel_working_directory(record)
+        group = self.settings.server_gid if record.worker is not None else -1
+        try:
+            self.retained.mkdir(mode=0o750, exist_ok=True)
+            if group >= 0:
+                os.chown(self.retained, 0, group)
+            # Copied under another name, then renamed: the server serves the directory once it exists.
+            partial = self.retained / f"{key}.part"
+            shutil.rmtree(partial, ignore_errors=True)
+            _files, size = retain_files(base, owner, partial, group)
+            partial.rename(self.retained / key)
+        except OSError as error:
+            log.warning("kernel %s: its files were not kept: %s", record.kernel_id, error)
+            return
+        self.retained_bytes[key] = size
+        while sum(self.retained_bytes.values()) > RETAIN_TOTAL_BYTES:
+            oldest = next(iter(self.retained_bytes))
+            shutil.rmtree(self.retained / oldest, ignore_errors=True)
+            del self.retained_bytes[oldest]
+
+    def remove_expired_files(self) -> None:
+        remove_expired(self.retained)
+        for key in [key for key in self.retained_bytes if not (self.retained / key).exists()]:
+            del self.retained_bytes[key]
 
     def forget(self, record: KernelRecord) -> None:
         self.kernels.pop(record.kernel_id, None)
@@ -389,8 +473,12 @@ class Provider:
         if listener is not None:
             listener.setblocking(False)
             self.selector.register(listener, selectors.EVENT_READ, "listener")
+        swept = time.monotonic()
         while True:
-            for key, _events in self.selector.select():
+            if time.monotonic() - swept > RETAIN_SWEEP_SECONDS:
+                self.remove_expired_files()
+                swept = time.monotonic()
+            for key, _events in self.selector.select(timeout=RETAIN_SWEEP_SECONDS):
                 if key.data == "wakeup":
                     while True:
                         try:
@@ -409,6 +497,13 @@ class Provider:
                     self.drop_client(key.data)
                     if listener is None:
                         return  # the server that spawned this provider is gone
+
+
+def kernel_working_directory(record: KernelRecord) -> tuple[Path, int]:
+    """Where the kernel works, and the user its files belong to."""
+    if record.worker is not None:
+        return record.worker.home, record.worker.uid
+    return record.directory / WORK_DIRECTORY, os.getuid()
 
 
 def freeze_heap() -> None:

@@ -22,6 +22,15 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
+from cellserver.kernel_files import (
+    RETAIN_KEY,
+    RETAINED_DIRECTORY,
+    WORK_DIRECTORY,
+    FileRefusedError,
+    ask_provider_for_file,
+    open_kernel_file,
+)
+
 log = logging.getLogger("cellserver.kernels")
 
 
@@ -39,6 +48,7 @@ RECONNECT_MILLISECONDS = 5
 RECONNECT_MAX_MILLISECONDS = 100
 KERNEL_INFO_PATIENCE_SECONDS = 1.0  # before asking a starting kernel again
 IOPUB_PATIENCE_SECONDS = 0.2  # for the first output message, which shows the output channel is subscribed
+FILE_PATIENCE_SECONDS = 10.0  # for the provider to open a kernel's file
 
 
 def remove_stale_runtime_dirs() -> None:
@@ -70,6 +80,7 @@ class ProviderLink:
         self.process: asyncio.subprocess.Process | None = None
         self.runtime_dir: Path | None = None
         self.workers: int | None = None
+        self.provider_runtime_dir: Path | None = None  # where the provider keeps released kernels' files
         self._writer: asyncio.StreamWriter | None = None
         self._answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
@@ -94,6 +105,7 @@ class ProviderLink:
         self._reader_task = asyncio.create_task(self._read_answers(reader))
         hello = await self.request({"op": "hello"})
         self.workers = hello.get("workers")
+        self.provider_runtime_dir = Path(hello["runtime_dir"]) if hello.get("runtime_dir") else self.runtime_dir
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The provider service may still be resetting its workers: wait for its socket a little while."""
@@ -129,6 +141,33 @@ class ProviderLink:
         if "error" in result:
             raise ProviderError(f"kernel provider: {result['error']}", busy=bool(result.get("busy")))
         return result
+
+    async def open_file(self, kernel_id: str, relative: str) -> int:
+        """A read-only descriptor of a file in the kernel's working directory (kernel_files says which files
+        qualify): the root provider opens a worker's, the server its own kernels'."""
+        if self.socket_path:
+            return await asyncio.to_thread(
+                ask_provider_for_file, self.socket_path, kernel_id, relative, FILE_PATIENCE_SECONDS
+            )
+        if self.runtime_dir is None:
+            raise FileNotFoundError("the provider is not running")
+        return open_kernel_file(self.runtime_dir / kernel_id / WORK_DIRECTORY, relative, os.getuid())
+
+    def retained_directory(self, session_id: str) -> Path | None:
+        if self.provider_runtime_dir is None or not RETAIN_KEY.fullmatch(session_id):
+            return None
+        return self.provider_runtime_dir / RETAINED_DIRECTORY / session_id
+
+    def open_retained_file(self, session_id: str, relative: str) -> int:
+        """A descriptor of a file the provider kept from a released session's kernel (as root for pooled
+        workers, as this user for its own kernels)."""
+        base = self.retained_directory(session_id)
+        if base is None:
+            raise FileNotFoundError("no files kept")
+        keeper = base.lstat().st_uid
+        if keeper not in (0, os.getuid()):
+            raise FileRefusedError(f"kept by uid {keeper}, not by the provider")
+        return open_kernel_file(base, relative, keeper)
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -422,18 +461,23 @@ class KernelPool:
         ahead = self._waiters[: self._waiters.index(ticket)]
         return sum(1 for other in ahead if other not in self._launching)
 
-    def release(self, kernel: Kernel) -> None:
-        """Single use: the provider kills the kernel and everything it started, and resets its worker."""
+    def release(self, kernel: Kernel, retain_as: str | None = None) -> asyncio.Task[None]:
+        """Single use: the provider kills the kernel and everything it started, and resets its worker; with
+        retain_as, it keeps the files the kernel wrote for that session first."""
         kernel.client.stop_channels()
         self._stop_watching(kernel)
-        task = asyncio.create_task(self._release_by_id(kernel.kernel_id))
+        task = asyncio.create_task(self._release_by_id(kernel.kernel_id, retain_as))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+        return task
 
-    async def _release_by_id(self, kernel_id: str) -> None:
+    async def _release_by_id(self, kernel_id: str, retain_as: str | None = None) -> None:
         self.provider.deaths.pop(kernel_id, None)
+        request = {"op": "release", "kernel_id": kernel_id}
+        if retain_as:
+            request["retain_as"] = retain_as
         try:
-            await self.provider.request({"op": "release", "kernel_id": kernel_id})
+            await self.provider.request(request)
         except ProviderError as error:
             log.error("releasing kernel %s: %s", kernel_id, error)
         finally:

@@ -1,24 +1,32 @@
-"""`POST /kernel`, `DELETE /kernel/<id>` and the WebSocket `/kernel/<id>/channels`, as SageMathCell answers them."""
+"""`POST /kernel`, `DELETE /kernel/<id>`, the WebSocket `/kernel/<id>/channels` and the files of
+`/kernel/<id>/files/<path>`, as SageMathCell answers them."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import mimetypes
+import os
 from typing import Any
 
 import tornado.web
 import tornado.websocket
 
 from cellserver.handlers import PublicAPIHandler, origin_allowed
+from cellserver.kernel_files import FileRefusedError
 from cellserver.kernels import KernelsBusyError, KernelStartError
 from cellserver.service import RETRY_AFTER_SECONDS
 from cellserver.sessions import BadMessageError, SessionManager, TooManySessionsError, message_for_kernel
+
+log = logging.getLogger("cellserver.sessions")
 
 # Larger messages close the connection (code 1009): code is limited to 65,000 characters, and even as
 # JSON escapes that stays well under this.
 MAX_MESSAGE_BYTES = 1 << 20
 # Upstream's words for a page over its cap, so its pages show them.
+FILE_CHUNK_BYTES = 1 << 16
 TOO_MANY_KERNELS = (
     "This page requested too many simultaneous kernels. Please wait for existing computations to finish, "
     "reload the page, or contact the author of this page for assistance."
@@ -160,6 +168,44 @@ class ChannelsHandler(tornado.websocket.WebSocketHandler):
             self.sessions.detach(session, self)
 
 
+class KernelFileHandler(PublicAPIHandler):
+    """A file the session's computation wrote in its working directory (a plot, a `savefig`), as upstream
+    serves `/kernel/<id>/files/<path>`: fresh on every request, since a recomputation rewrites it."""
+
+    def initialize(self, sessions: SessionManager) -> None:
+        self.sessions = sessions
+
+    async def get(self, session_id: str, relative: str) -> None:
+        session = self.sessions.get(session_id)
+        provider = self.sessions.pool.provider
+        try:
+            if session is not None:
+                descriptor = await provider.open_file(session.kernel.kernel_id, relative)
+            else:
+                # Upstream's page fetches a plot after its computation, when its kernel is usually gone.
+                await self.sessions.files_kept(session_id)
+                descriptor = provider.open_retained_file(session_id, relative)
+        except FileNotFoundError:
+            self.fail(404, "no such file")
+            return
+        except (FileRefusedError, OSError) as error:
+            log.info("session %s: file %r refused: %s", session_id, relative, error)
+            self.fail(403, "this file is not served")
+            return
+        with os.fdopen(descriptor, "rb") as stream:
+            self.set_header("Content-Type", mimetypes.guess_type(relative)[0] or "application/octet-stream")
+            self.set_header("Content-Length", str(os.fstat(stream.fileno()).st_size))
+            self.set_header("Cache-Control", "no-cache")
+            # What a computation wrote is the stranger's, served from this server's origin: a page of its
+            # own (HTML, SVG) opened directly runs no script as this origin, and nothing is sniffed.
+            self.set_header("Content-Security-Policy", "sandbox")
+            self.set_header("X-Content-Type-Options", "nosniff")
+            while chunk := stream.read(FILE_CHUNK_BYTES):
+                self.write(chunk)
+                await self.flush()
+        self.finish()
+
+
 def session_routes(sessions: SessionManager) -> list[Any]:
     from cellserver.sessions import SESSION_ID_PATTERN
 
@@ -168,4 +214,5 @@ def session_routes(sessions: SessionManager) -> list[Any]:
         (r"/kernel", KernelHandler, options),
         (rf"/kernel/({SESSION_ID_PATTERN})", KernelHandler, options),
         (rf"/kernel/({SESSION_ID_PATTERN})/channels", ChannelsHandler, options),
+        (rf"/kernel/({SESSION_ID_PATTERN})/files/(.+)", KernelFileHandler, options),
     ]

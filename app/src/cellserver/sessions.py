@@ -40,6 +40,8 @@ COMPUTATION_REPLIES = frozenset({"execute_reply", "sagenb.interact.update_intera
 MAX_PENDING_COMPUTATIONS = 16
 PROTOCOL_VERSION = "5.3"
 REAP_INTERVAL_SECONDS = 1.0
+FILES_KEPT_PATIENCE_SECONDS = 10.0
+RELEASE_POLL_SECONDS = 0.02
 
 
 class TooManySessionsError(Exception):
@@ -147,6 +149,7 @@ class SessionManager:
         self.lifetime = lifetime
         self.per_client = per_client
         self.sessions: dict[str, KernelSession] = {}
+        self.releasing: dict[str, asyncio.Task[None]] = {}  # ended sessions whose kernel is being released
         self._reaper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -183,6 +186,17 @@ class SessionManager:
     def get(self, session_id: str) -> KernelSession | None:
         return self.sessions.get(session_id)
 
+    async def files_kept(self, session_id: str) -> None:
+        """Until the files of a session that just ended are kept (its release copies them first), or its
+        release is over: a page asks for its plot right as the computation, and so the session, ends."""
+        releasing = self.releasing.get(session_id)
+        kept = self.pool.provider.retained_directory(session_id)
+        deadline = time.monotonic() + FILES_KEPT_PATIENCE_SECONDS
+        while releasing is not None and not releasing.done() and kept is not None and not kept.exists():
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(RELEASE_POLL_SECONDS)
+
     def attach(self, session: KernelSession, connection: PageConnection) -> None:
         """The page's connection gets the kernel's messages from now on; one it replaces is told so."""
         previous, session.connection = session.connection, connection
@@ -215,7 +229,9 @@ class SessionManager:
         for task in session.tasks:
             if task is not current:
                 task.cancel()
-        self.pool.release(session.kernel)
+        releasing = self.pool.release(session.kernel, retain_as=session.session_id)
+        self.releasing[session.session_id] = releasing
+        releasing.add_done_callback(lambda _task: self.releasing.pop(session.session_id, None))
         log.info("session %s ended: %s", session.session_id, reason)
         if session.connection is not None:
             session.connection.kernel_gone(dead_status(session.session_id))
