@@ -214,6 +214,27 @@ def test_a_bad_timeout_is_refused(server: Service, timeout: str) -> None:
     assert status == 400 and "timeout" in answer["error"], answer
 
 
+def post_json(server: Service, body: bytes) -> tuple[int, dict[str, Any]]:
+    status, _headers, answer = server.request(
+        "POST", "/kernel", data=body, headers={"Content-Type": "application/json", "Accept": "application/json"}
+    )
+    return status, json.loads(answer) if answer else {}
+
+
+def test_a_kernel_may_be_asked_for_with_a_json_body(server: Service) -> None:
+    status, answer = post_json(server, json.dumps({"accepted_tos": True, "timeout": 30}).encode())
+    assert status == 200 and uuid.UUID(answer["id"]), answer
+    assert channels_status(server, answer["id"]) != 404  # the timeout came through: it waits for the page
+    server.request("DELETE", f"/kernel/{answer['id']}")
+    assert post_json(server, json.dumps({"timeout": "soon"}).encode())[0] == 400
+
+
+@pytest.mark.parametrize("body", [b"{", b"[1]", b'{"timeout": [30]}'], ids=["broken", "array", "nested"])
+def test_a_json_body_that_is_not_an_object_of_fields_is_refused(server: Service, body: bytes) -> None:
+    status, answer = post_json(server, body)
+    assert status == 400 and "JSON object" in answer["error"], answer
+
+
 def test_unknown_kernels_are_404(server: Service) -> None:
     assert channels_status(server, str(uuid.uuid4())) == 404
     assert server.request("GET", "/kernel/not-a-kernel/channels")[0] == 404

@@ -52,9 +52,42 @@ def requested_timeout(value: str) -> float | None:
     return timeout if timeout >= 0 and not math.isnan(timeout) else None
 
 
+def json_fields(body: bytes) -> dict[str, str] | None:
+    """A JSON object's fields as the form fields they stand for (true is "true"), or None when the body is
+    not an object of plain values."""
+    try:
+        document = json.loads(body or b"{}")
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    fields = {}
+    for name, value in document.items():
+        if isinstance(value, bool):
+            fields[name] = "true" if value else "false"
+        elif isinstance(value, (str, int, float)):
+            fields[name] = str(value)
+        else:
+            return None
+    return fields
+
+
 class KernelHandler(PublicAPIHandler):
     def initialize(self, sessions: SessionManager) -> None:
         self.sessions = sessions
+
+    def prepare(self) -> None:
+        # Upstream reads form fields; a client may send the same fields as a JSON object.
+        if self.request.method != "POST" or not self.request.headers.get("Content-Type", "").startswith(
+            "application/json"
+        ):
+            return
+        fields = json_fields(self.request.body)
+        if fields is None:
+            self.fail(400, "the body must be a JSON object of strings, numbers and booleans")
+            return
+        for name, value in fields.items():
+            self.request.arguments.setdefault(name, []).append(value.encode())
 
     def options(self, session_id: str | None = None) -> None:
         self.set_header("Access-Control-Allow-Methods", "POST, GET, OPTIONS, DELETE")
