@@ -188,6 +188,16 @@ def compute_server(tmp_path: Path, *options: str, python: str = sys.executable) 
     return Service(port=free_port(), database=tmp_path / "unused", arguments=("serve", *options), python=python)
 
 
+def serving(directory: Path, *options: str) -> Iterator[Service]:
+    """A compute server with these options for the tests of a module (yield from it in a fixture)."""
+    running = compute_server(directory, *options)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 def sage_python() -> str:
     """The Python of the Sage environment (`make sage`); skips the test without one, fails it under CI."""
     found = os.environ.get("CELLFLEET_SAGE_PYTHON") or str(

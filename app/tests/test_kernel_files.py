@@ -28,17 +28,14 @@ from cellserver.kernel_files import (
     remove_expired,
     retain_files,
 )
-from conftest import Service, compute_server
+from conftest import Service, serving
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    running = compute_server(tmp_path_factory.mktemp("files"), "--max-kernels", "4", "--preforked", "1")
-    running.start()
-    yield running
-    running.stop()
+    yield from serving(tmp_path_factory.mktemp("files"), "--max-kernels", "4", "--preforked", "1")
 
 
 def fetch(server: Service, session_id: str, relative: str) -> tuple[int, dict[str, str], bytes]:

@@ -268,7 +268,7 @@ def make_app(
             (r"/health", HealthHandler, {"probe": health}),
             (r"/tos\.html", TermsHandler, {"terms": terms}),
             *permalinks,
-            *(session_routes(sessions) if sessions is not None else []),
+            *(session_routes(sessions, config.origins()) if sessions is not None else []),
         ],
         websocket_max_message_size=MAX_MESSAGE_BYTES,
         static_path=str(page.STATIC_DIR),

@@ -1,5 +1,5 @@
-"""`POST /kernel`, `DELETE /kernel/<id>`, the WebSocket `/kernel/<id>/channels` and the files of
-`/kernel/<id>/files/<path>`, as SageMathCell answers them."""
+"""`POST /kernel`, `DELETE /kernel/<id>`, the WebSocket `/kernel/<id>/channels`, the same channels over SockJS
+at `/sockjs` and the files of `/kernel/<id>/files/<path>`, as SageMathCell answers them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import logging
 import math
 import mimetypes
 import os
+import urllib.parse
 from typing import Any
 
 import tornado.web
 import tornado.websocket
+from sockjs.tornado import SockJSConnection, SockJSRouter
 
 from cellserver.handlers import PublicAPIHandler, origin_allowed
 from cellserver.kernel_files import FileRefusedError
@@ -27,6 +29,7 @@ log = logging.getLogger("cellserver.sessions")
 MAX_MESSAGE_BYTES = 1 << 20
 # Upstream's words for a page over its cap, so its pages show them.
 FILE_CHUNK_BYTES = 1 << 16
+SOCKJS_CLIENT_URL = "/static/sockjs.min.js"
 TOO_MANY_KERNELS = (
     "This page requested too many simultaneous kernels. Please wait for existing computations to finish, "
     "reload the page, or contact the author of this page for assistance."
@@ -239,7 +242,75 @@ class KernelFileHandler(PublicAPIHandler):
         self.finish()
 
 
-def session_routes(sessions: SessionManager) -> list[Any]:
+class SockJSKernelLink:
+    """One kernel's share of a page's SockJS connection: its messages go out behind `<id>/channels,`."""
+
+    def __init__(self, connection: SockJSChannels, session_id: str) -> None:
+        self.connection = connection
+        self.prefix = f"{session_id}/channels,"
+        self.session_id = session_id
+
+    def deliver(self, text: str) -> None:
+        if not self.connection.is_closed:
+            self.connection.send(self.prefix + text)
+
+    def kernel_gone(self, last_message: str) -> None:
+        self.deliver(last_message)
+        self.connection.links.pop(self.session_id, None)
+
+    def replaced(self) -> None:
+        self.connection.links.pop(self.session_id, None)
+
+
+class SockJSChannels(SockJSConnection):  # type: ignore[misc]
+    """A page's SockJS connection (what the embed falls back to where WebSockets are blocked): upstream
+    multiplexes every kernel of the page over it, each message prefixed with `<kernel id>/channels,`. A
+    kernel's first message attaches it to this connection; closing the connection ends them all."""
+
+    sessions: SessionManager  # set on the class session_routes makes
+
+    def on_open(self, request: Any) -> None:
+        self.links: dict[str, SockJSKernelLink] = {}
+
+    def on_message(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_BYTES:
+            self.close(1009, "message too big")
+            return
+        prefix, separator, body = message.partition(",")
+        session_id, _slash, channels = prefix.partition("/")
+        session = self.sessions.get(session_id)
+        if not separator or channels != "channels" or session is None:
+            return  # upstream ignores messages to kernels it does not have
+        link = self.links.get(session_id)
+        if link is None:
+            link = self.links[session_id] = SockJSKernelLink(self, session_id)
+            self.sessions.attach(session, link)
+        try:
+            self.sessions.send(session, message_for_kernel(body, session_id))
+        except BadMessageError as error:
+            # Only this kernel's session ends: the connection carries the page's other kernels too.
+            self.sessions.end(session, f"the page sent a bad message over SockJS ({error})")
+
+    def on_close(self) -> None:
+        for session_id, link in list(self.links.items()):
+            session = self.sessions.get(session_id)
+            if session is not None:
+                self.sessions.detach(session, link)
+        self.links.clear()
+
+
+def sockjs_routes(sessions: SessionManager, allowed_origins: tuple[str, ...]) -> list[Any]:
+    channels = type("BoundSockJSChannels", (SockJSChannels,), {"sessions": sessions})
+    settings = {
+        # The library compares hosts, not whole origins; none listed lets every page embed a cell.
+        "websocket_allow_origin": [urllib.parse.urlsplit(origin).netloc.lower() for origin in allowed_origins] or "*",
+        # The page that iframe-based transports load asks for the SockJS client here, never from a CDN.
+        "sockjs_url": SOCKJS_CLIENT_URL,
+    }
+    return list(SockJSRouter(channels, "/sockjs", user_settings=settings).urls)
+
+
+def session_routes(sessions: SessionManager, allowed_origins: tuple[str, ...] = ()) -> list[Any]:
     from cellserver.sessions import SESSION_ID_PATTERN
 
     options = {"sessions": sessions}
@@ -248,4 +319,5 @@ def session_routes(sessions: SessionManager) -> list[Any]:
         (rf"/kernel/({SESSION_ID_PATTERN})", KernelHandler, options),
         (rf"/kernel/({SESSION_ID_PATTERN})/channels", ChannelsHandler, options),
         (rf"/kernel/({SESSION_ID_PATTERN})/files/(.+)", KernelFileHandler, options),
+        *sockjs_routes(sessions, allowed_origins),
     ]
