@@ -66,11 +66,13 @@ venv: $(STAMP_DIR)/collections $(STAMP_DIR)/app ## Create .venv with pinned tool
 SAGE_VENV   ?= .venv-sage
 export CELLFLEET_SAGE_PYTHON := $(CURDIR)/$(SAGE_VENV)/bin/python
 
-$(SAGE_VENV)/.installed: app/requirements-sage.txt app/pyproject.toml | host-deps
+$(SAGE_VENV)/.installed: app/requirements-sage.txt app/pyproject.toml requirements.txt | host-deps
 	@echo "[setup] creating $(SAGE_VENV): passagemath from app/requirements-sage.txt (about a minute, 2.5 GB)"
 	@$(PYTHON) -m venv $(SAGE_VENV)
 	@$(SAGE_VENV)/bin/pip install -q --upgrade pip
 	@$(SAGE_VENV)/bin/pip install -q -r app/requirements-sage.txt
+	@# The app's own dependencies that Sage does not bring, at requirements.txt's pins (built from source if need be).
+	@$(SAGE_VENV)/bin/pip install -q $$(grep -i '^sockjs-tornado==' requirements.txt)
 	@$(SAGE_VENV)/bin/pip install -q --no-deps -e app
 	@touch $@
 

@@ -19,9 +19,14 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 @pytest.mark.skipif(not SCHEMATHESIS.exists() and shutil.which("schemathesis") is None, reason="needs schemathesis")
 def test_the_api_answers_generated_requests_as_its_openapi_document_says(tmp_path: Path) -> None:
-    # Requests come one at a time and each computation ends within 5 s: a kernel is always free, so a 503
-    # ("every kernel is busy") here would be a fault too.
-    server = compute_server(tmp_path, "--max-kernels", "2", "--preforked", "1", "--timeout", "5")
+    # Requests come one at a time and each computation ends within 5 s; kernel sessions hold at most two
+    # kernels (two per client) and only for a second of idleness: a kernel is always free for /service, so a
+    # 503 ("every kernel is busy") there would be a fault too.
+    settings = tmp_path / "cellserver.toml"
+    settings.write_text(
+        "max_kernels = 4\npreforked = 1\ntimeout = 5\nsession_idle_seconds = 1\nsessions_per_client = 2\n"
+    )
+    server = compute_server(tmp_path, "--config", str(settings))
     server.start()
     try:
         command = [

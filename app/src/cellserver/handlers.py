@@ -45,6 +45,13 @@ class JSONErrorHandler(tornado.web.RequestHandler):
         self.send_error(status_code, reason=reason, headers=headers or {})
 
 
+class NotFoundHandler(JSONErrorHandler):
+    """Every path no route matches: a JSON 404 like the API's other refusals."""
+
+    def prepare(self) -> None:
+        self.fail(404, "no such resource")
+
+
 def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     """No list: every page may embed a cell, as on upstream's public server."""
     return not allowed or origin in allowed

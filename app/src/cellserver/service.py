@@ -14,7 +14,7 @@ import tornado.web
 
 from cellserver import computation_log
 from cellserver.config import ServerConfig
-from cellserver.handlers import JSONErrorHandler, PublicAPIHandler
+from cellserver.handlers import JSONErrorHandler, NotFoundHandler, PublicAPIHandler
 from cellserver.kernels import Kernel, KernelPool, KernelsBusyError, KernelStartError
 from cellserver.permalinks import PermalinkStore
 from cellserver.sessions import SessionManager
@@ -271,6 +271,7 @@ def make_app(
             *(session_routes(sessions, config.origins()) if sessions is not None else []),
         ],
         websocket_max_message_size=MAX_MESSAGE_BYTES,
+        default_handler_class=NotFoundHandler,
         static_path=str(page.STATIC_DIR),
         template_path=str(page.TEMPLATE_DIR),
         allowed_origins=config.origins(),

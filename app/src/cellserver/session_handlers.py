@@ -55,6 +55,15 @@ def requested_timeout(value: str) -> float | None:
     return timeout if timeout >= 0 and not math.isnan(timeout) else None
 
 
+def form_fields_parse(body: bytes) -> bool:
+    """Whether a form body is name=value pairs (tornado skips what is not, silently)."""
+    try:
+        urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True, strict_parsing=bool(body))
+    except ValueError:
+        return False
+    return True
+
+
 def json_fields(body: bytes) -> dict[str, str] | None:
     """A JSON object's fields as the form fields they stand for (true is "true"), or None when the body is
     not an object of plain values."""
@@ -81,9 +90,13 @@ class KernelHandler(PublicAPIHandler):
 
     def prepare(self) -> None:
         # Upstream reads form fields; a client may send the same fields as a JSON object.
-        if self.request.method != "POST" or not self.request.headers.get("Content-Type", "").startswith(
-            "application/json"
-        ):
+        content_type = self.request.headers.get("Content-Type", "")
+        if self.request.method != "POST":
+            return
+        if content_type.startswith("application/x-www-form-urlencoded") and not form_fields_parse(self.request.body):
+            self.fail(400, "the body is not form fields (name=value&...)")
+            return
+        if not content_type.startswith("application/json"):
             return
         fields = json_fields(self.request.body)
         if fields is None:
@@ -127,7 +140,10 @@ class KernelHandler(PublicAPIHandler):
         self.answer({"ws_url": self.ws_url(), "id": session.session_id})
 
     def delete(self, session_id: str | None = None) -> None:
-        session = self.sessions.get(session_id or "")
+        if session_id is None:
+            self.fail(405, "DELETE names a kernel: /kernel/<id>")
+            return
+        session = self.sessions.get(session_id)
         if session is not None:
             self.sessions.end(session, "the page deleted it")
         self.answer(None)
@@ -211,6 +227,9 @@ class KernelFileHandler(PublicAPIHandler):
     def initialize(self, sessions: SessionManager) -> None:
         self.sessions = sessions
 
+    def options(self, *_path: str) -> None:
+        super().options()
+
     async def get(self, session_id: str, relative: str) -> None:
         session = self.sessions.get(session_id)
         provider = self.sessions.pool.provider
@@ -229,16 +248,21 @@ class KernelFileHandler(PublicAPIHandler):
             self.fail(403, "this file is not served")
             return
         with os.fdopen(descriptor, "rb") as stream:
+            # The size it had when opened: a kernel still writing to it cannot make the answer overrun.
+            remaining = os.fstat(stream.fileno()).st_size
             self.set_header("Content-Type", mimetypes.guess_type(relative)[0] or "application/octet-stream")
-            self.set_header("Content-Length", str(os.fstat(stream.fileno()).st_size))
+            self.set_header("Content-Length", str(remaining))
             self.set_header("Cache-Control", "no-cache")
             # What a computation wrote is the stranger's, served from this server's origin: a page of its
             # own (HTML, SVG) opened directly runs no script as this origin, and nothing is sniffed.
             self.set_header("Content-Security-Policy", "sandbox")
             self.set_header("X-Content-Type-Options", "nosniff")
-            while chunk := stream.read(FILE_CHUNK_BYTES):
+            while remaining > 0 and (chunk := stream.read(min(FILE_CHUNK_BYTES, remaining))):
+                remaining -= len(chunk)
                 self.write(chunk)
                 await self.flush()
+            # Cut short by the kernel meanwhile: pad, so the answer still has the length it announced.
+            self.write(b"\0" * remaining)
         self.finish()
 
 
