@@ -83,8 +83,9 @@ class PublicAPIHandler(JSONErrorHandler):
         self.set_cors_headers()  # send_error cleared them
         super().write_error(status_code, **kwargs)
 
-    def options(self) -> None:
-        # A preflight, for pages that send more than a form (a JSON body, custom headers).
+    def options(self, *_path_arguments: str) -> None:
+        # A preflight, for pages that send more than a form (a JSON body, custom headers); the same for every
+        # path a route matches, whatever it captures.
         self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         self.set_header("Access-Control-Allow-Headers", "Content-Type, X-Requested-With")
         self.set_header("Access-Control-Max-Age", "600")

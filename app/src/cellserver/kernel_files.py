@@ -34,7 +34,9 @@ RETAIN_MAX_FILES = 64
 # kernels' own sockets need; the oldest go first.
 RETAIN_TOTAL_BYTES = 64 << 20
 RETAIN_SECONDS = 600.0  # a page fetches its images at once; a reader may follow a file link later
-RETAIN_KEY = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# A kernel session's id (upstream's are uuid4 strings), by which its kept files are filed.
+SESSION_ID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+RETAIN_KEY = re.compile(SESSION_ID_PATTERN)
 # A FIFO or a device must not block the opener: such a file is refused after the open anyway.
 FILE_FLAGS = OPEN_FLAGS | os.O_NONBLOCK
 

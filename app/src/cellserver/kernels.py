@@ -105,7 +105,7 @@ class ProviderLink:
         self._reader_task = asyncio.create_task(self._read_answers(reader))
         hello = await self.request({"op": "hello"})
         self.workers = hello.get("workers")
-        self.provider_runtime_dir = Path(hello["runtime_dir"]) if hello.get("runtime_dir") else self.runtime_dir
+        self.provider_runtime_dir = Path(hello["runtime_dir"])
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The provider service may still be resetting its workers: wait for its socket a little while."""
@@ -466,7 +466,10 @@ class KernelPool:
         retain_as, it keeps the files the kernel wrote for that session first."""
         kernel.client.stop_channels()
         self._stop_watching(kernel)
-        task = asyncio.create_task(self._release_by_id(kernel.kernel_id, retain_as))
+        return self._release_in_background(kernel.kernel_id, retain_as)
+
+    def _release_in_background(self, kernel_id: str, retain_as: str | None = None) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._release_by_id(kernel_id, retain_as))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
         return task
@@ -553,9 +556,7 @@ class KernelPool:
         if asked.cancelled() or asked.exception() is not None:
             self._live -= 1
             return
-        task = asyncio.create_task(self._release_by_id(asked.result()["kernel_id"]))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        self._release_in_background(asked.result()["kernel_id"])
 
     async def _wait_until_ready(self, kernel: Kernel) -> None:
         ready = asyncio.ensure_future(wait_for_answers(kernel.client, self.settings.start_timeout))

@@ -17,7 +17,7 @@ import tornado.websocket
 from sockjs.tornado import SockJSConnection, SockJSRouter
 
 from cellserver.handlers import PublicAPIHandler, origin_allowed
-from cellserver.kernel_files import FileRefusedError
+from cellserver.kernel_files import SESSION_ID_PATTERN, FileRefusedError
 from cellserver.kernels import KernelsBusyError, KernelStartError
 from cellserver.service import RETRY_AFTER_SECONDS
 from cellserver.sessions import BadMessageError, SessionManager, TooManySessionsError, message_for_kernel
@@ -27,9 +27,9 @@ log = logging.getLogger("cellserver.sessions")
 # Larger messages close the connection (code 1009): code is limited to 65,000 characters, and even as
 # JSON escapes that stays well under this.
 MAX_MESSAGE_BYTES = 1 << 20
-# Upstream's words for a page over its cap, so its pages show them.
 FILE_CHUNK_BYTES = 1 << 16
 SOCKJS_CLIENT_URL = "/static/sockjs.min.js"
+# Upstream's words for a page over its cap, so its pages show them.
 TOO_MANY_KERNELS = (
     "This page requested too many simultaneous kernels. Please wait for existing computations to finish, "
     "reload the page, or contact the author of this page for assistance."
@@ -227,9 +227,6 @@ class KernelFileHandler(PublicAPIHandler):
     def initialize(self, sessions: SessionManager) -> None:
         self.sessions = sessions
 
-    def options(self, *_path: str) -> None:
-        super().options()
-
     async def get(self, session_id: str, relative: str) -> None:
         session = self.sessions.get(session_id)
         provider = self.sessions.pool.provider
@@ -335,8 +332,6 @@ def sockjs_routes(sessions: SessionManager, allowed_origins: tuple[str, ...]) ->
 
 
 def session_routes(sessions: SessionManager, allowed_origins: tuple[str, ...] = ()) -> list[Any]:
-    from cellserver.sessions import SESSION_ID_PATTERN
-
     options = {"sessions": sessions}
     return [
         (r"/kernel", KernelHandler, options),

@@ -27,8 +27,6 @@ from cellserver.kernels import Kernel, KernelPool
 
 log = logging.getLogger("cellserver.sessions")
 
-# Upstream's kernel ids are uuid4 strings; its routes match five dash-separated words.
-SESSION_ID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 # What a page may ask of its kernel's shell. Upstream's interacts count as computations.
 SHELL_REQUESTS = frozenset({
     "execute_request", "complete_request", "inspect_request", "is_complete_request", "kernel_info_request",
