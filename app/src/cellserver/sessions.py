@@ -68,9 +68,12 @@ class KernelSession:
     timeout: float  # idle seconds after the kernel's last message; 0: ends once its computations are done
     started: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
-    executing: int = 0
     computations: int = 0
-    status: str = "starting"
+    # The page's computations (message ids) whose reply has not come, and those whose outputs may still
+    # come: the kernel's idle status for a request follows all its outputs on iopub, but the reply travels
+    # on the shell channel, which may be read before or after it.
+    awaiting_reply: set[str] = field(default_factory=set)
+    awaiting_idle: set[str] = field(default_factory=set)
     requests: set[str] = field(default_factory=set)  # the page's message ids: their answers are the page's
     connection: PageConnection | None = None
     ended: bool = False
@@ -208,12 +211,14 @@ class SessionManager:
 
     def send(self, session: KernelSession, message: dict[str, Any]) -> None:
         """A checked message from the page to its kernel's shell; a flood of computations ends the session."""
+        msg_id = message["header"]["msg_id"]
         if message["header"]["msg_type"] in COMPUTATIONS:
-            if session.executing >= MAX_PENDING_COMPUTATIONS:
+            if len(session.awaiting_reply) >= MAX_PENDING_COMPUTATIONS:
                 raise BadMessageError(f"more than {MAX_PENDING_COMPUTATIONS} computations waiting")
-            session.executing += 1
+            session.awaiting_reply.add(msg_id)
+            session.awaiting_idle.add(msg_id)
             session.computations += 1
-        session.requests.add(message["header"]["msg_id"])
+        session.requests.add(msg_id)
         session.last_activity = time.monotonic()
         session.kernel.client.shell_channel.send(message)
 
@@ -244,10 +249,11 @@ class SessionManager:
 
     def _from_kernel(self, session: KernelSession, message: dict[str, Any], channel: str) -> None:
         kind = message.get("msg_type")
-        if kind == "status":
-            session.status = message["content"].get("execution_state", session.status)
+        parent = message.get("parent_header", {}).get("msg_id")
         if kind in COMPUTATION_REPLIES:
-            session.executing = max(0, session.executing - 1)
+            session.awaiting_reply.discard(parent)
+        if kind == "status" and message["content"].get("execution_state") == "idle":
+            session.awaiting_idle.discard(parent)
         if kind == "kernel_timeout":
             # The kernel asks to live longer or shorter (an interact waits for the page's changes).
             requested = float(message["content"].get("timeout", 0))
@@ -256,8 +262,13 @@ class SessionManager:
         elif session.connection is not None and self.for_page(session, message):
             session.connection.deliver(message_for_page(message, channel))
         session.last_activity = time.monotonic()
-        if session.timeout == 0 and session.computations and not session.executing and session.status == "idle":
+        if session.timeout == 0 and self.computations_done(session):
             self.end(session, "its computations are done")
+
+    @staticmethod
+    def computations_done(session: KernelSession) -> bool:
+        """The page computed, and every computation has its reply and all its outputs."""
+        return session.computations > 0 and not session.awaiting_reply and not session.awaiting_idle
 
     @staticmethod
     def for_page(session: KernelSession, message: dict[str, Any]) -> bool:
