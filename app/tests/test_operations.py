@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Service, compute_server, descendants, only_child, sage_python
+from conftest import Service, compute_server, descendants, free_port, only_child, sage_python
 
 LOCAL3_INFO = 19 * 8 + 6  # syslog priority: facility local3 (19), severity info (6)
 
@@ -147,3 +149,52 @@ def test_health_computations_start_no_kernel_while_the_reserve_has_one(tmp_path:
     finally:
         server.stop()
     assert kernels == {reserve}, f"the probes started {len(kernels) - 1} kernels"
+
+
+@pytest.fixture
+def silent_provider(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
+    """A provider socket that takes connections and never answers, as a stopped or hung provider does."""
+    path = tmp_path / "provider.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    listener.settimeout(30)
+    yield listener, path
+    listener.close()
+
+
+def test_a_server_told_to_stop_while_its_provider_is_silent_stops_at_once(
+    tmp_path: Path, silent_provider: tuple[socket.socket, Path]
+) -> None:
+    # systemd stops a server whose start hangs: one that ignored SIGTERM there held its unit for the whole
+    # stop timeout, and the health check's restart with it.
+    listener, path = silent_provider
+    settings = tmp_path / "cellserver.toml"
+    settings.write_text(f'provider_socket = "{path}"\n')
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cellserver", "serve", "--config", str(settings), "--port", str(free_port())],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        connection, _ = listener.accept()  # the server is waiting for the provider's hello now
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=10)
+        connection.close()
+    finally:
+        server.kill()
+    assert code == 0, server.stderr.read() if server.stderr else code
+
+
+def test_a_provider_that_never_says_hello_fails_the_start(
+    silent_provider: tuple[socket.socket, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cellserver import kernels
+
+    monkeypatch.setattr(kernels, "HELLO_PATIENCE_SECONDS", 0.5)
+    _listener, path = silent_provider
+
+    async def open_link() -> None:
+        await asyncio.wait_for(kernels.ProviderLink(str(path)).open(), 10)
+
+    with pytest.raises(kernels.ProviderError, match=r"did not answer within 0\.5 s"):
+        asyncio.run(open_link())

@@ -16,7 +16,7 @@ from cellserver import config as config_module
 from cellserver.config import ServerConfig
 
 if TYPE_CHECKING:
-    from cellserver.kernels import PoolSettings
+    from cellserver.kernels import KernelPool, PoolSettings
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -115,7 +115,9 @@ async def run_serve(config: ServerConfig) -> None:
         asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
     computation_log.setup(config.syslog_socket)
     pool = KernelPool(pool_settings(config))
-    await pool.start()
+    if not await started_unless_stopped(pool, stopping):
+        await pool.stop()
+        return
     store = None
     if not config.permalink_url:
         from cellserver.permalinks import SQLiteStore
@@ -151,6 +153,28 @@ async def run_serve(config: ServerConfig) -> None:
     if not stopping.is_set():
         # No kernel can start without a provider: exit, so systemd restarts the server and it reconnects.
         sys.exit("cellserver serve: the kernel provider went away")
+
+
+async def started_unless_stopped(pool: KernelPool, stopping: asyncio.Event) -> bool:
+    """Start the pool; False when a stop came first (a provider slow to answer must not keep systemd waiting
+    for the server to stop)."""
+    from cellserver.kernels import ProviderError
+
+    starting = asyncio.ensure_future(pool.start())
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if starting.done():
+        try:
+            starting.result()
+        except (ProviderError, OSError) as error:
+            # No kernel can start: exit with the reason, and systemd starts the server again.
+            sys.exit(f"cellserver serve: no kernel provider: {error}")
+        return True
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    return False
 
 
 async def run_permalink(args: argparse.Namespace) -> None:
