@@ -287,10 +287,15 @@ pids = {
 stopped = subprocess.Popen(["sleep", "600"], start_new_session=True)
 os.kill(stopped.pid, signal.SIGSTOP)
 pids["stopped"] = stopped.pid
-time.sleep(2)
-table = [line.split() for line in os.popen("ps -o pid=,stat=,comm= -u %d" % os.getuid())]
-zombies = [int(row[0]) for row in table if "Z" in row[1]]
-renamed = [int(row[0]) for row in table if row[2] == "kworker/0:1"]
+# A starved cell may take seconds to start each Python: wait until the zombie and the disguise exist.
+deadline = time.monotonic() + 60
+while True:
+    table = [line.split() for line in os.popen("ps -o pid=,stat=,comm= -u %d" % os.getuid())]
+    zombies = [int(row[0]) for row in table if "Z" in row[1]]
+    renamed = [int(row[0]) for row in table if row[2] == "kworker/0:1"]
+    if (zombies and renamed) or time.monotonic() > deadline:
+        break
+    time.sleep(float("0.2"))  # a float literal would be a Sage real, which time.sleep refuses
 print(os.getuid(), " ".join(str(pid) for pid in [*zombies, *pids.values()]), len(zombies), len(renamed))
 """
 
