@@ -21,12 +21,18 @@ from conftest import Service, compute_server, descendants, free_port, only_child
 LOCAL3_INFO = 19 * 8 + 6  # syslog priority: facility local3 (19), severity info (6)
 
 
+def bound_unix_socket(path: Path, kind: socket.SocketKind) -> socket.socket:
+    """A Unix socket of kind bound at path; the tests' waits on it give up after 30 s."""
+    bound = socket.socket(socket.AF_UNIX, kind)
+    bound.bind(str(path))
+    bound.settimeout(30)
+    return bound
+
+
 @pytest.fixture
 def datagram_sink(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
     path = tmp_path / "sink.sock"
-    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sink.bind(str(path))
-    sink.settimeout(30)
+    sink = bound_unix_socket(path, socket.SOCK_DGRAM)
     yield sink, path
     sink.close()
 
@@ -155,10 +161,8 @@ def test_health_computations_start_no_kernel_while_the_reserve_has_one(tmp_path:
 def silent_provider(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
     """A provider socket that takes connections and never answers, as a stopped or hung provider does."""
     path = tmp_path / "provider.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
+    listener = bound_unix_socket(path, socket.SOCK_STREAM)
     listener.listen(4)
-    listener.settimeout(30)
     yield listener, path
     listener.close()
 
