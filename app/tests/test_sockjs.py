@@ -175,3 +175,17 @@ def test_sockjs_answers_its_info_request(server: Service) -> None:
     with urllib.request.urlopen(f"{server.url}/sockjs/info", timeout=10) as answer:
         info = json.loads(answer.read())
     assert info["websocket"] is True
+
+
+def test_the_sockjs_client_the_server_names_is_served(server: Service) -> None:
+    # SockJS's iframe transports load the client from the URL the server names in its iframe page.
+    status, headers, body = server.request("GET", "/sockjs/iframe.html")
+    assert status == 200, body
+    client_url = next(
+        line.split('src="', 1)[1].split('"', 1)[0] for line in body.splitlines() if "<script" in line and "src=" in line
+    )
+    assert client_url == "/static/sockjs.min.js", body
+    status, headers, script = server.request("GET", client_url)
+    assert status == 200, script[:200]
+    assert "javascript" in headers["Content-Type"]
+    assert script.startswith("/* sockjs-client v1.6.1 |"), script[:80]
