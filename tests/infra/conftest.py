@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,17 @@ def nodes(inventory_path: str) -> dict[str, Node]:
 def main_pid(host: Host, unit: str) -> int:
     """The unit's main process id on host (0 when it has none)."""
     return int(host.check_output(f"systemctl show -p MainPID --value {unit}"))
+
+
+def seconds_until_back(node: Node, unit: str, old_pid: int, limit: float) -> float:
+    """Seconds until unit runs again under a main process other than old_pid; fails after limit."""
+    started = time.monotonic()
+    while True:
+        pid = main_pid(node.host, unit)
+        if pid not in (0, old_pid) and node.host.service(unit).is_running:
+            return time.monotonic() - started
+        assert time.monotonic() - started < limit, f"{unit} not back within {limit:.0f} s"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import Node, main_pid
+from conftest import Node, main_pid, seconds_until_back
 
 SERVICE = "cellfleet-permalinks.service"
 PORT = 8889
@@ -85,16 +85,6 @@ def postgresql_unit(node: Node) -> str:
     running = [line.split()[0] for line in units.splitlines() if " running " in f" {line} "]
     assert running, f"no running PostgreSQL server unit on {node.name}: {units}"
     return running[0]
-
-
-def seconds_until_back(node: Node, unit: str, old_pid: int, limit: float) -> float:
-    started = time.monotonic()
-    while True:
-        pid = main_pid(node.host, unit)
-        if pid not in (0, old_pid) and node.host.service(unit).is_running:
-            return time.monotonic() - started
-        assert time.monotonic() - started < limit, f"{unit} not back within {limit:.0f} s"
-        time.sleep(0.5)
 
 
 def test_kill_9_of_the_service_and_of_postgresql_loses_no_acknowledged_permalink(
