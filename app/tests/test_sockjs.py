@@ -179,7 +179,7 @@ def test_sockjs_answers_its_info_request(server: Service) -> None:
 
 def test_the_sockjs_client_the_server_names_is_served(server: Service) -> None:
     # SockJS's iframe transports load the client from the URL the server names in its iframe page.
-    status, headers, body = server.request("GET", "/sockjs/iframe.html")
+    status, _headers, body = server.request("GET", "/sockjs/iframe.html")
     assert status == 200, body
     client_url = next(
         line.split('src="', 1)[1].split('"', 1)[0] for line in body.splitlines() if "<script" in line and "src=" in line
