@@ -9,15 +9,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from browser import Browser, chromium_binary
 
 
 def free_port() -> int:
@@ -188,14 +191,21 @@ def compute_server(tmp_path: Path, *options: str, python: str = sys.executable) 
     return Service(port=free_port(), database=tmp_path / "unused", arguments=("serve", *options), python=python)
 
 
-def serving(directory: Path, *options: str) -> Iterator[Service]:
+def serving(directory: Path, *options: str, python: str = sys.executable) -> Iterator[Service]:
     """A compute server with these options for the tests of a module (yield from it in a fixture)."""
-    running = compute_server(directory, *options)
+    running = compute_server(directory, *options, python=python)
     running.start()
     try:
         yield running
     finally:
         running.stop()
+
+
+def serving_with_settings(directory: Path, settings: str, python: str = sys.executable) -> Iterator[Service]:
+    """serving() from a cellserver.toml holding these settings."""
+    config = directory / "cellserver.toml"
+    config.write_text(settings)
+    yield from serving(directory, "--config", str(config), python=python)
 
 
 def sage_python() -> str:
@@ -217,3 +227,41 @@ def compute(tmp_path: Path) -> Iterator[Service]:
     running.start()
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless Chromium for a module's tests; skips without it, fails under CI."""
+    binary = chromium_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (apt install chromium); CI must run the browser tests")
+        pytest.skip("chromium is not installed (apt install chromium)")
+    running = Browser(binary)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[tuple[str, dict[str, str]]]:
+    """An embedding site on another loopback port (another origin, as far as the browser's rules go): it serves
+    the pages a test puts in its dict, by path."""
+    pages: dict[str, str] = {}
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages.get(self.path, "").encode()
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", pages
+    server.shutdown()
+    server.server_close()

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from browser import Browser, chromium_binary
+from browser import Browser
 
 from cellserver.permalinks import zip_text
 from conftest import Service, compute_server
@@ -83,18 +80,6 @@ def test_broken_links_answer_as_upstream(cells: Service) -> None:
         assert status == expected and message in json.loads(body)["error"], (query, body)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    binary = chromium_binary()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (apt install chromium); CI must run the browser tests")
-        pytest.skip("chromium is not installed (apt install chromium)")
-    running = Browser(binary)
-    yield running
-    running.close()
-
-
 OUTPUT = "document.getElementById('output').textContent"
 STATUS = "document.getElementById('status').textContent"
 
@@ -144,30 +129,6 @@ def test_static_assets_are_served_with_versioned_urls(cells: Service) -> None:
     assert "max-age" in headers.get("Cache-Control", "")
 
 
-@pytest.fixture(scope="module")
-def other_origin() -> Iterator[str]:
-    """A page on another loopback port: an embedding site, as far as the browser's origin rules go."""
-
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"<!DOCTYPE html><title>a course page</title><p>embeds a cell</p>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-
-
 def credentialed_post(url: str, fields: dict[str, str]) -> str:
     """Script for the page: a form POST with the user's credentials, as upstream's embed sends it; the answer's
     JSON, or what the browser refused."""
@@ -176,8 +137,10 @@ def credentialed_post(url: str, fields: dict[str, str]) -> str:
             ".then(r => r.json(), e => ({refused: String(e)}))")  # fmt: skip
 
 
-def test_a_page_on_another_origin_calls_with_credentials(cells: Service, browser: Browser, other_origin: str) -> None:
-    browser.open(other_origin, ready="document.title === 'a course page'")
+def test_a_page_on_another_origin_calls_with_credentials(cells: Service, browser: Browser, site: tuple) -> None:
+    origin, pages = site
+    pages["/"] = "<!DOCTYPE html><title>a course page</title><p>embeds a cell</p>"
+    browser.open(origin + "/", ready="document.title === 'a course page'")
     answer = browser.evaluate(credentialed_post(cells.url + "/service", {"code": "print(6 * 7)"}))
     assert answer.get("stdout") == "42\n", answer
     answer = browser.evaluate(credentialed_post(cells.url + "/permalink", {"code": "1", "n": "3"}))

@@ -72,8 +72,8 @@ async def run_to_idle(connection: WebSocketClientConnection, code: str) -> list[
 
 
 async def read_to_idle(connection: WebSocketClientConnection, request: dict[str, Any]) -> list[dict[str, Any]]:
-    """The messages answering request, up to its reply and the kernel's idle status: the reply (shell) may
-    come before the output (iopub), the idle status never does."""
+    """The messages answering request, up to its reply (an execute or an interact update's) and the
+    kernel's idle status: the reply (shell) may come before the output (iopub), the idle status never does."""
     messages, replied, idle = [], False, False
     while not (replied and idle):
         text = await asyncio.wait_for(connection.read_message(), 20)
@@ -81,7 +81,7 @@ async def read_to_idle(connection: WebSocketClientConnection, request: dict[str,
         message = json.loads(text)
         messages.append(message)
         assert message["parent_header"]["msg_id"] == request["header"]["msg_id"], message
-        replied = replied or message["msg_type"] == "execute_reply"
+        replied = replied or message["msg_type"].endswith("_reply")
         idle = idle or message["content"].get("execution_state") == "idle"
     return messages
 
@@ -143,7 +143,8 @@ def test_with_no_timeout_the_session_ends_once_its_computation_is_done(server: S
     messages, took = asyncio.run(session())
     assert took < LIFETIME_SECONDS / 2, took  # ended by its computation's end, not by the lifetime limit
     assert stdout_of(messages) == "1\n"
-    assert messages[-1]["content"] == {"execution_state": "dead"}  # upstream's last word to the page
+    # upstream's last word to the page, with the reason
+    assert messages[-1]["content"] == {"execution_state": "dead", "reason": "its computations are done"}
     assert channels_status(server, answer["id"]) == 404
 
 
@@ -186,7 +187,23 @@ def test_code_in_the_kernel_sets_its_sessions_idle_timeout(server: Service) -> N
         await run_to_idle(connection, "sys._sage_.reset_kernel_timeout(1)")
         return await until_closed(connection, timeout=LIFETIME_SECONDS / 2)  # open: only the timeout ends it
 
-    assert asyncio.run(shorten())[-1]["content"] == {"execution_state": "dead"}
+    assert asyncio.run(shorten())[-1]["content"] == {"execution_state": "dead", "reason": "idle for 1 s"}
+
+
+def test_a_kernel_timeout_that_is_not_a_number_is_ignored(server: Service) -> None:
+    # The kernel runs the page's code: a kernel_timeout it sends is as untrusted as the page.
+    _status, _headers, answer = new_kernel(server, timeout="600")
+    sent = "; ".join(f"sys._sage_._send('kernel_timeout', {{'timeout': {value}}})"
+                     for value in ("'soon'", "{}", "-1", "True", "float('nan')"))  # fmt: skip
+
+    async def still_serving() -> str:
+        connection = await connect(server, answer["id"])
+        await run_to_idle(connection, sent)
+        output = stdout_of(await run_to_idle(connection, "print('still here')"))
+        connection.close()
+        return output
+
+    assert asyncio.run(still_serving()) == "still here\n"
 
 
 def test_no_session_outlives_the_lifetime_limit(server: Service) -> None:

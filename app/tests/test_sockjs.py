@@ -139,7 +139,7 @@ def test_a_bad_message_ends_only_its_own_kernel_and_unknown_kernels_are_ignored(
         last, answer = asyncio.run(asyncio.wait_for(page(), 60))
     finally:
         server.request("DELETE", f"/kernel/{innocent}")
-    assert last["content"] == {"execution_state": "dead"}, last
+    assert last["content"]["execution_state"] == "dead", last
     assert channels_status(server, hostile) == 404
     assert answer == "still here\n"
 

@@ -8,9 +8,12 @@ interact waiting for its controls) asks the server to keep the session longer.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any
+
+from cellserver import interacts
 
 
 class SageCellHooks:
@@ -46,8 +49,10 @@ class SageCellHooks:
         return found
 
     def reset_kernel_timeout(self, timeout: float) -> None:
-        """Ask the server for another idle timeout (seconds; inf: as long as the server allows)."""
-        self._send("kernel_timeout", {"timeout": float(timeout)})
+        """Ask the server for another idle timeout (seconds; inf: as long as the server allows). Infinity is
+        not JSON: it travels as "inf", as a page's own `timeout` field does."""
+        seconds = float(timeout)
+        self._send("kernel_timeout", {"timeout": "inf" if math.isinf(seconds) else seconds})
 
     def display_message(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         self._send("display_data", {"data": data, "source": "sagecell"}, metadata)
@@ -64,3 +69,4 @@ def install(kernel: Any) -> None:
     hooks.changed_files(".")
     sys._sage_ = hooks  # type: ignore[attr-defined]
     kernel.shell.user_ns.setdefault("sys", sys)
+    interacts.install(kernel, hooks)

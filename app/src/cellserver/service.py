@@ -267,6 +267,8 @@ def make_app(
             (r"/service", ServiceHandler, {"pool": pool, "timeout": config.timeout, "health": health}),
             (r"/health", HealthHandler, {"probe": health}),
             (r"/tos\.html", TermsHandler, {"terms": terms}),
+            # Where upstream's pages load the embed script from; /static/embedded_sagecell.js is the same file.
+            (r"/(embedded_sagecell\.js)", tornado.web.StaticFileHandler, {"path": str(page.STATIC_DIR)}),
             *permalinks,
             *(session_routes(sessions, config.origins()) if sessions is not None else []),
         ],

@@ -130,13 +130,25 @@ def message_for_kernel(raw: str | bytes, session_id: str) -> dict[str, Any]:
     }
 
 
-def dead_status(session_id: str) -> str:
-    """What upstream tells a page whose kernel has gone."""
+def kernel_timeout(value: Any) -> float | None:
+    """The idle timeout a kernel_timeout message asks for (a number or "inf"), None when it is not one >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None  # NaN compares false
+
+
+def dead_status(session_id: str, reason: str) -> str:
+    """What upstream tells a page whose kernel has gone, and why (a field upstream's pages ignore; the embed
+    script shows it)."""
     return json.dumps({
         "channel": "iopub",
         "header": {"msg_type": "status", "msg_id": str(uuid.uuid4()), "session": session_id, "username": ""},
         "parent_header": {}, "metadata": {}, "msg_type": "status",
-        "content": {"execution_state": "dead"},
+        "content": {"execution_state": "dead", "reason": reason},
     })  # fmt: skip
 
 
@@ -237,7 +249,7 @@ class SessionManager:
         releasing.add_done_callback(lambda _task: self.releasing.pop(session.session_id, None))
         log.info("session %s ended: %s", session.session_id, reason)
         if session.connection is not None:
-            session.connection.kernel_gone(dead_status(session.session_id))
+            session.connection.kernel_gone(dead_status(session.session_id, reason))
 
     async def _pump(self, session: KernelSession, channel: str) -> None:
         receive = session.kernel.client.get_iopub_msg if channel == "iopub" else session.kernel.client.get_shell_msg
@@ -256,8 +268,9 @@ class SessionManager:
             session.awaiting_idle.discard(parent)
         if kind == "kernel_timeout":
             # The kernel asks to live longer or shorter (an interact waits for the page's changes).
-            requested = float(message["content"].get("timeout", 0))
-            if requested >= 0:
+            # The kernel runs the page's code, so what it asks for is checked like a page's request.
+            requested = kernel_timeout(message["content"].get("timeout"))
+            if requested is not None:
                 session.timeout = min(requested, self.idle_limit)
         elif session.connection is not None and self.for_page(session, message):
             session.connection.deliver(message_for_page(message, channel))
