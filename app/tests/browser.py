@@ -75,8 +75,8 @@ class Browser:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def open(self, url: str, ready: str = "document.getElementById('code') !== null") -> None:
-        """Go to url and wait until the page has loaded and the ready expression holds (the cell page's editor)."""
+    def open(self, url: str, ready: str = "window.sagecell && sagecell.cells.length > 0") -> None:
+        """Go to url and wait until the page has loaded and the ready expression holds (the cell page's cell)."""
         self.command("Page.navigate", url=url)
         self.wait_for(f"document.readyState === 'complete' && location.href !== 'about:blank' && ({ready})")
 

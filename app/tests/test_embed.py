@@ -119,9 +119,9 @@ def test_a_permalink_of_a_sage_cell_reopens_it(browser: Browser, site: tuple, sa
     evaluate_and_wait(browser, 0)
     link = browser.wait_for(f"{cell(0)}.permalink.querySelector('a.sagecell_permalink_zip')?.href")
     assert link.startswith(sage.url + "/?z=") and "lang=sage" in link, link
-    browser.open(link)
-    assert browser.evaluate("document.getElementById('code').value") == code
-    assert browser.evaluate("document.getElementById('language').value") == "sage"
+    browser.open(link)  # the server's own page, a cell of the same script
+    assert browser.evaluate(f"{cell(0)}.getCode()") == code
+    assert browser.evaluate(f"{cell(0)}.language") == "sage"
 
 
 def test_without_websockets_the_cell_runs_over_sockjs(browser: Browser, site: tuple, python_server: Service) -> None:

@@ -80,43 +80,48 @@ def test_broken_links_answer_as_upstream(cells: Service) -> None:
         assert status == expected and message in json.loads(body)["error"], (query, body)
 
 
-OUTPUT = "document.getElementById('output').textContent"
-STATUS = "document.getElementById('status').textContent"
+CELL = "sagecell.cells[0]"
+STATE = f"{CELL}.cell.dataset.state"
+OUTPUT = f"{CELL}.output.textContent"
+
+
+def run_in_page(browser: Browser, code: str) -> str:
+    """Put code in the page's editor, press Evaluate; the state the cell ends in."""
+    browser.evaluate(f"{CELL}.setCode({json.dumps(code)})")
+    browser.evaluate(f"{CELL}.evalButton.click()")
+    return browser.wait_for(f"['done', 'failed'].includes({STATE}) && {STATE}")
 
 
 def test_run_shows_the_output_in_the_browser(cells: Service, browser: Browser) -> None:
     browser.open(cells.url + "/")
-    browser.evaluate("document.getElementById('code').value = 'print(6 * 7)'")
-    browser.evaluate("document.getElementById('run').click()")
-    browser.wait_for(f"{STATUS} === 'done'")
+    browser.wait_for(f"{CELL}.editor !== undefined")  # CodeMirror, from this server
+    assert run_in_page(browser, "print(6 * 7)") == "done"
     assert browser.evaluate(OUTPUT) == "42\n"
-    browser.evaluate("document.getElementById('code').value = '1/0'")
-    browser.evaluate("document.getElementById('run').click()")
-    browser.wait_for(f"{STATUS} === 'failed'")
+    assert run_in_page(browser, "1/0") == "failed"
     assert "ZeroDivisionError" in browser.evaluate(OUTPUT)
 
 
-def test_permalink_button_makes_links_that_reopen_the_code(cells: Service, browser: Browser) -> None:
+def test_an_evaluation_makes_links_that_reopen_the_code(cells: Service, browser: Browser) -> None:
     code = "print('made in the browser')"
     browser.open(cells.url + "/")
-    browser.evaluate(f"document.getElementById('code').value = {json.dumps(code)}")
-    browser.evaluate("document.getElementById('permalink').click()")
-    browser.wait_for(f"{STATUS} === 'permalink ready'")
-    for link in ("query-link", "zip-link"):
-        browser.open(browser.evaluate(f"document.getElementById('{link}').href"))
-        assert browser.evaluate("document.getElementById('code').value") == code, link
+    assert run_in_page(browser, code) == "done"
+    links = browser.wait_for(
+        f"(a => a.length === 2 && Array.from(a, link => link.href))({CELL}.permalink.querySelectorAll('a'))"
+    )
+    for link in links:
+        browser.open(link)
+        assert browser.evaluate(f"{CELL}.getCode()") == code, link
 
 
 def test_a_link_runs_on_open_unless_autoeval_is_false(cells: Service, browser: Browser) -> None:
     browser.open(cells.url + f"/?z={zip_text('print(sum(range(10)))')}")
-    browser.wait_for(f"{STATUS} === 'done'")
+    browser.wait_for(f"{STATE} === 'done'")
     assert browser.evaluate(OUTPUT) == "45\n"
     browser.open(cells.url + "/?c=print(7)&autoeval=false")
-    assert browser.evaluate("document.getElementById('code').value") == "print(7)"
-    # A run on open sets the status line before the page has loaded; here it stays empty until Run.
-    assert browser.evaluate(STATUS) == "" and browser.evaluate(OUTPUT) == ""
-    browser.evaluate("document.getElementById('run').click()")
-    browser.wait_for(f"{STATUS} === 'done'")
+    browser.wait_for(f"{CELL}.editor !== undefined")  # a run on open would have started by now
+    assert browser.evaluate(f"{CELL}.getCode()") == "print(7)"
+    assert browser.evaluate(f"{STATE} === undefined") and browser.evaluate(OUTPUT) == ""
+    assert run_in_page(browser, "print(7)") == "done"
     assert browser.evaluate(OUTPUT) == "7\n"
 
 
@@ -125,7 +130,7 @@ def test_static_assets_are_served_with_versioned_urls(cells: Service) -> None:
     script = re.search(r'src="(/static/cellfleet\.js\?v=\w+)"', page)
     assert script, page
     status, headers, body = cells.request("GET", script.group(1))
-    assert status == 200 and "addEventListener" in body
+    assert status == 200 and "makeSagecell" in body
     assert "max-age" in headers.get("Cache-Control", "")
 
 

@@ -74,6 +74,7 @@ BAD_INPUT = [
     ("cell_server", {"cell_server_memory_mb": 32}, "memory 0 (the kernel's own need) or at least 64 MiB"),
     ("cell_server", {"cell_server_allowed_origins": ["course.example"]}, "each allowed origin scheme://host"),
     ("cell_server", {"cell_server_sessions_per_client": 0}, "sessions per client 1-1000"),
+    ("cell_server", {"cell_server_session_drain_seconds": -1}, "the drain 0-3600 s"),
     ("cell_server", {"cell_server_session_lifetime_seconds": "forever"}, "cell_server_session_lifetime_seconds"),
     ("haproxy", {"haproxy_rate_limit_per_ip": 50, "haproxy_rate_limit_total": 10}, "the total at least the per-IP"),
     ("haproxy", {"haproxy_check_fall": 0}, "fall and rise at"),

@@ -111,8 +111,11 @@ async def run_serve(config: ServerConfig) -> None:
     # SIGTERM (systemd, tests) stops cleanly: kernels, the provider and their sockets go with the server.
     # Installed first, so a stop that comes while kernels are starting is not lost.
     stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, stopping.set)
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(signum, lambda: None)  # a drain before sessions exist has nothing to drain
     computation_log.setup(config.syslog_socket)
     pool = KernelPool(pool_settings(config))
     if not await started_unless_stopped(pool, stopping):
@@ -127,6 +130,8 @@ async def run_serve(config: ServerConfig) -> None:
         pool, config.session_idle_seconds, config.session_lifetime_seconds, config.sessions_per_client
     )
     sessions.start()
+    loop.add_signal_handler(signal.SIGUSR1, sessions.drain, config.session_drain_seconds)
+    loop.add_signal_handler(signal.SIGUSR2, sessions.resume)
     app = make_app(pool, config, store, sessions)
     http_server = app.listen(config.port, address=config.bind)
     systemd.notify("READY=1")

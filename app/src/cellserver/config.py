@@ -55,6 +55,9 @@ class ServerConfig:
     session_idle_seconds: float = 900.0
     session_lifetime_seconds: float = 1800.0
     sessions_per_client: int = 2
+    # Seconds a drain (SIGUSR1, before a rolling update or a removal) lets open sessions end by themselves
+    # before it ends them, telling their pages why.
+    session_drain_seconds: float = 60.0
 
     def origins(self) -> tuple[str, ...]:
         return tuple(self.allowed_origins.split())
@@ -83,6 +86,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "session_idle_seconds": (1, 86400),
     "session_lifetime_seconds": (1, 7 * 86400),
     "sessions_per_client": (1, 1000),
+    "session_drain_seconds": (0, 3600),
 }
 
 

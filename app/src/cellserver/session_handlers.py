@@ -20,7 +20,13 @@ from cellserver.handlers import PublicAPIHandler, origin_allowed
 from cellserver.kernel_files import SESSION_ID_PATTERN, FileRefusedError
 from cellserver.kernels import KernelsBusyError, KernelStartError
 from cellserver.service import RETRY_AFTER_SECONDS
-from cellserver.sessions import BadMessageError, SessionManager, TooManySessionsError, message_for_kernel
+from cellserver.sessions import (
+    BadMessageError,
+    DrainingError,
+    SessionManager,
+    TooManySessionsError,
+    message_for_kernel,
+)
 
 log = logging.getLogger("cellserver.sessions")
 
@@ -132,6 +138,10 @@ class KernelHandler(PublicAPIHandler):
         except TooManySessionsError:
             self.set_status(429)
             self.answer({"error": "too_many_kernels_for_cell_session", "message": TOO_MANY_KERNELS})
+            return
+        except DrainingError as error:
+            # A load balancer that retries on 503 sends the page to another cell (see the haproxy role).
+            self.fail(503, f"{error}; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
             return
         except (KernelsBusyError, KernelStartError):
             self.fail(503, "every kernel is busy; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})

@@ -39,11 +39,16 @@ MAX_PENDING_COMPUTATIONS = 16
 PROTOCOL_VERSION = "5.3"
 REAP_INTERVAL_SECONDS = 1.0
 FILES_KEPT_PATIENCE_SECONDS = 10.0
+DRAINED = "its cell was taken out of service for maintenance"
 RELEASE_POLL_SECONDS = 0.02
 
 
 class TooManySessionsError(Exception):
     """The page may not have another kernel now; the message says why."""
+
+
+class DrainingError(Exception):
+    """The server is draining its sessions: new ones go to another cell."""
 
 
 class BadMessageError(Exception):
@@ -164,6 +169,8 @@ class SessionManager:
         self.sessions: dict[str, KernelSession] = {}
         self.releasing: dict[str, asyncio.Task[None]] = {}  # ended sessions whose kernel is being released
         self._reaper: asyncio.Task[None] | None = None
+        self.draining = False
+        self._drain: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_forever())
@@ -173,8 +180,35 @@ class SessionManager:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if self._drain is not None:
+            self._drain.cancel()
         for session in list(self.sessions.values()):
             self.end(session, "the server is stopping")
+
+    def drain(self, patience: float) -> asyncio.Task[None]:
+        """Take no new sessions until resume(); the open ones may end by themselves for patience seconds, then
+        the rest are ended with a reason the page shows. What a rolling update or a removal does before it
+        takes the cell away (the cell's server signals: SIGUSR1 drains, SIGUSR2 resumes)."""
+        self.draining = True
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.create_task(self._drained(patience))
+        return self._drain
+
+    def resume(self) -> None:
+        """Take new sessions again; a drain still waiting for sessions to end leaves them be."""
+        self.draining = False
+        if self._drain is not None:
+            self._drain.cancel()
+        log.info("taking new sessions again")
+
+    async def _drained(self, patience: float) -> None:
+        log.info("draining %d sessions for up to %g s", len(self.sessions), patience)
+        deadline = time.monotonic() + patience
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(REAP_INTERVAL_SECONDS)
+        for session in list(self.sessions.values()):
+            self.end(session, DRAINED)
+        log.info("drained: no session left")
 
     def live_for(self, client_key: str) -> int:
         return sum(1 for session in self.sessions.values() if session.client_key == client_key)
@@ -182,6 +216,8 @@ class SessionManager:
     async def open(self, client_key: str, timeout: float) -> KernelSession:
         """A new session on a ready kernel; TooManySessionsError past the per-client cap, KernelsBusyError when
         no kernel is free."""
+        if self.draining:
+            raise DrainingError("this cell is draining its sessions")
         if self.live_for(client_key) >= self.per_client:
             raise TooManySessionsError(f"this page already has {self.per_client} kernels")
         kernel = await self.pool.acquire()
