@@ -22,12 +22,14 @@ def chromium_binary() -> str | None:
 
 
 class Browser:
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, *arguments: str) -> None:
+        """arguments: more of Chromium's flags (the lab's self-signed load balancer needs
+        --ignore-certificate-errors)."""
         self.profile = tempfile.mkdtemp(prefix="cellfleet-chromium-")
         self.process = subprocess.Popen(
             [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
              "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}",
-             "about:blank"],
+             *arguments, "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         browser_url = self._devtools_url()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from browser import Browser
+from test_sessions import wait_for_status
 
 from conftest import Service, sage_python, serving_with_settings
 
@@ -110,6 +111,11 @@ def test_an_interact_slider_recomputes_in_the_page(browser: Browser, site: tuple
     browser.wait_for(f"{cell(3)}.output.querySelector('.sagecell_interactOutput').textContent === 'square 49\\n'")
     browser.evaluate(f"(s => {{ s.value = '9'; s.dispatchEvent(new Event('change')); }})({slider})")
     browser.wait_for(f"{cell(3)}.output.querySelector('.sagecell_interactOutput').textContent === 'square 81\\n'")
+    # Run again: a new kernel, and the one the interact kept is freed, not left to its idle timeout.
+    first = browser.evaluate(f"{cell(3)}.current.id")
+    assert "square 4" in evaluate_and_wait(browser, 3)
+    assert browser.evaluate(f"{cell(3)}.current.id") != first
+    wait_for_status(sage, first, 404, patience=10)
 
 
 def test_a_permalink_of_a_sage_cell_reopens_it(browser: Browser, site: tuple, sage: Service) -> None:

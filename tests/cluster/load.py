@@ -3,11 +3,13 @@
 Clients run in this process, in threads that enter the lab's network namespace (setns applies to the calling
 thread only), so their traffic goes to the load balancer's address on the lab bridge and nowhere else. Each
 client sends `print(1+1)` back to back over a fresh TLS connection per request, and records the time, the
-outcome and the release that answered (the X-Cellserver-Version header).
+outcome and the release that answered (the X-Cellserver-Version header). Held sessions are pages that keep a
+kernel session open over a WebSocket until the server ends it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -17,8 +19,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
 
 NETNS = "cellfleet"
 CLONE_NEWNET = 0x40000000
@@ -108,3 +114,82 @@ class SteadyLoad:
 
 def in_lab_namespace_possible() -> bool:
     return os.geteuid() == 0 and os.path.exists(f"/run/netns/{NETNS}")
+
+
+@dataclass
+class HeldSession:
+    """A page's kernel session held open through the load balancer, as a linked cell or an interact holds it."""
+
+    kernel_id: str = ""
+    opened: bool = False
+    ended_after: float | None = None  # seconds from opening to the server's end of it
+    last: dict[str, object] = field(default_factory=dict)  # the last message the page got
+    error: str = ""
+
+
+@dataclass
+class HeldSessions:
+    """`count` sessions, each from its own page (CellSessionID) in a thread inside the lab's namespace: each
+    computes once, then waits, up to `limit_seconds`, for the server to end it."""
+
+    root: str
+    count: int = 4
+    limit_seconds: float = 1800
+    sessions: list[HeldSession] = field(default_factory=list)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> HeldSessions:
+        for _ in range(self.count):
+            held = HeldSession()
+            self.sessions.append(held)
+            thread = threading.Thread(target=self._page, args=(held,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for thread in self._threads:
+            thread.join(timeout=1)
+
+    def wait_open(self, patience: float) -> None:
+        deadline = time.monotonic() + patience
+        while not all(held.opened or held.error for held in self.sessions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sessions not open after {patience} s: {self.sessions}")
+            time.sleep(0.5)
+        errors = [held.error for held in self.sessions if held.error]
+        if errors:
+            raise RuntimeError(f"sessions failed to open: {errors}")
+
+    def wait_ended(self, patience: float) -> None:
+        for thread in self._threads:
+            thread.join(timeout=patience)
+
+    def _page(self, held: HeldSession) -> None:
+        enter_lab_namespace()
+        try:
+            asyncio.run(self._hold(held))
+        except Exception as error:  # the test reports what broke, the thread has no one else to tell
+            held.error = f"{type(error).__name__}: {error}"
+
+    async def _hold(self, held: HeldSession) -> None:
+        fields = {"accepted_tos": "true", "timeout": "inf", "CellSessionID": str(uuid.uuid4())}
+        request = HTTPRequest(f"{self.root}/kernel", method="POST", body=urllib.parse.urlencode(fields),
+                              validate_cert=False, request_timeout=120)  # fmt: skip
+        answer = json.loads((await AsyncHTTPClient().fetch(request)).body)
+        held.kernel_id = answer["id"]
+        channels = HTTPRequest(f"{answer['ws_url']}kernel/{answer['id']}/channels", validate_cert=False)
+        connection = await websocket_connect(channels)
+        execute = {
+            "channel": "shell", "parent_header": {}, "metadata": {},
+            "header": {"msg_type": "execute_request", "msg_id": str(uuid.uuid4()), "session": answer["id"]},
+            "content": {"code": "kept = 6 * 7", "silent": False, "user_expressions": {}, "allow_stdin": False},
+        }  # fmt: skip
+        connection.write_message(json.dumps(execute))
+        opened_at = time.monotonic()
+        while (text := await asyncio.wait_for(connection.read_message(), self.limit_seconds)) is not None:
+            message = json.loads(text)
+            held.last = message
+            if message.get("msg_type") == "execute_reply":
+                held.opened = True
+        held.ended_after = time.monotonic() - opened_at

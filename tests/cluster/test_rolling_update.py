@@ -22,7 +22,9 @@ from lab import (
     server_state,
     wheelhouse_for,
 )  # fmt: skip
-from load import SteadyLoad, in_lab_namespace_possible
+from load import HeldSessions, SteadyLoad, in_lab_namespace_possible
+
+from cellserver.sessions import DRAINED
 
 pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
 
@@ -64,6 +66,29 @@ def test_a_rolling_update_under_load_fails_no_request(tmp_path: Path, baseline: 
         assert set(load.releases(since=finished)) == {version}
     finally:
         # Back to the release the lab had, the same way (a rollback is one more rolling update).
+        rollback = roll_out(ROOT / "app", baseline)
+        assert rollback.returncode == 0, rollback.stdout[-3000:]
+
+
+def test_a_rolling_update_ends_open_sessions_with_a_reason_and_fails_no_request(tmp_path: Path, baseline: str) -> None:
+    # Pages holding kernels (linked cells, interacts) on both cells while /service traffic goes on: each cell's
+    # sessions get the drain's time, then end with the reason the page shows; none is left hanging.
+    version = f"0.1.{int(time.time())}"
+    release = release_of_app(tmp_path / "app", version)
+    try:
+        with SteadyLoad(f"https://{LOAD_BALANCER}/service") as load, HeldSessions(f"https://{LOAD_BALANCER}") as pages:
+            pages.wait_open(patience=180)
+            result = roll_out(release, version)
+            pages.wait_ended(patience=60)
+        assert result.returncode == 0, result.stdout[-3000:]
+        outcomes = load.outcomes()
+        ended = [(held.kernel_id, held.ended_after, held.last.get("content")) for held in pages.sessions]
+        print(f"rolling update with {len(ended)} open sessions: /service {dict(outcomes)}; sessions {ended}")
+        assert set(outcomes) == {"200"}, (outcomes, load.wrong_answers())
+        for held in pages.sessions:
+            assert held.ended_after is not None, f"session {held.kernel_id} still open after the update: {held}"
+            assert held.last.get("content") == {"execution_state": "dead", "reason": DRAINED}, held
+    finally:
         rollback = roll_out(ROOT / "app", baseline)
         assert rollback.returncode == 0, rollback.stdout[-3000:]
 

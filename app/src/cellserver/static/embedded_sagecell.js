@@ -185,6 +185,7 @@
         socket.onopen = () => {
           opened = true;
           this.transmit = (text) => socket.send(text);
+          this.socket = socket;
           resolve();
         };
         socket.onmessage = (event) => this.received(event.data);
@@ -225,6 +226,16 @@
       }
       if (handler) {
         handler(message);
+      }
+    }
+
+    // The page is done with it (the cell runs again): end the session quietly, freeing the server's kernel.
+    close() {
+      this.ended = true;
+      if (this.socket) {
+        this.socket.close();
+      } else if (this.id) {
+        post(`kernel/${this.id}`, { method: "DELETE" }).catch(() => undefined);
       }
     }
 
@@ -387,6 +398,9 @@
       this.setStatus("running");
       this.replied = null;
       this.idle = false;
+      if (this.current && !this.current.linked && !this.current.ended) {
+        this.current.close(); // an interact of the last run kept it
+      }
       const kernel = this.kernel();
       this.current = kernel;
       try {
