@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from conftest import Service, compute_server, sage_python
+from cellserver.session_handlers import WEBSOCKET_PING_SECONDS
+from conftest import Service, compute_server, sage_python, serving
 
 CLIENT = Path(__file__).resolve().parents[2] / "tests" / "clients" / "sagecell_session_client.py"
 LIFETIME_SECONDS = 6
@@ -204,6 +205,28 @@ def test_a_kernel_timeout_that_is_not_a_number_is_ignored(server: Service) -> No
         return output
 
     assert asyncio.run(still_serving()) == "still here\n"
+
+
+@pytest.fixture(scope="module")
+def long_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A server with the default session limits (the module's own server ends sessions within seconds)."""
+    yield from serving(tmp_path_factory.mktemp("long-lived"), "--max-kernels", "2", "--preforked", "1")
+
+
+def test_an_idle_session_is_pinged_so_proxies_keep_its_connection(long_lived: Service) -> None:
+    # nginx in front of a cell closes a connection that carries nothing for 90 s: a waiting interact's would go.
+    _status, _headers, answer = new_kernel(long_lived, timeout="600")
+
+    async def wait_for_ping() -> float:
+        connection = await connect(long_lived, answer["id"])
+        pinged = asyncio.Event()
+        connection.on_ping = lambda _data: pinged.set()  # type: ignore[method-assign]
+        started = time.monotonic()
+        await asyncio.wait_for(pinged.wait(), WEBSOCKET_PING_SECONDS + 10)
+        connection.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(wait_for_ping()) <= WEBSOCKET_PING_SECONDS + 10
 
 
 def test_no_session_outlives_the_lifetime_limit(server: Service) -> None:

@@ -250,7 +250,7 @@ def make_app(
     with no URL (a laptop), to permalink_store in this process. Kernel sessions need sessions."""
     from cellserver import page
     from cellserver.permalink_service import permalink_routes
-    from cellserver.session_handlers import MAX_MESSAGE_BYTES, session_routes
+    from cellserver.session_handlers import MAX_MESSAGE_BYTES, WEBSOCKET_PING_SECONDS, session_routes
 
     if config.permalink_url:
         permalinks: list[Any] = [(r"/permalink", page.PermalinkForwardHandler, {"url": config.permalink_url})]
@@ -273,6 +273,7 @@ def make_app(
             *(session_routes(sessions, config.origins()) if sessions is not None else []),
         ],
         websocket_max_message_size=MAX_MESSAGE_BYTES,
+        websocket_ping_interval=WEBSOCKET_PING_SECONDS,
         default_handler_class=NotFoundHandler,
         static_path=str(page.STATIC_DIR),
         template_path=str(page.TEMPLATE_DIR),

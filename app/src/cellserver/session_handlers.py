@@ -33,6 +33,9 @@ log = logging.getLogger("cellserver.sessions")
 # Larger messages close the connection (code 1009): code is limited to 65,000 characters, and even as
 # JSON escapes that stays well under this.
 MAX_MESSAGE_BYTES = 1 << 20
+# An idle session (an interact waiting for its slider) still sends a ping this often: proxies on the way (nginx's
+# proxy_read_timeout, HAProxy's tunnel timeout) close connections that carry nothing for longer than theirs.
+WEBSOCKET_PING_SECONDS = 30
 FILE_CHUNK_BYTES = 1 << 16
 SOCKJS_CLIENT_URL = "/static/sockjs.min.js"
 # Upstream's words for a page over its cap, so its pages show them.
