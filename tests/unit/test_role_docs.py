@@ -20,4 +20,4 @@ def test_a_role_readme_lists_every_option_of_every_entry_point() -> None:
     text = role_docs.readme_for(ROOT / "roles" / "haproxy")
     assert '| `haproxy_check_fastinter` | str | `"250ms"` |' in text
     assert "## Entry point `rotation` (`tasks_from: rotation`)" in text
-    assert "| `haproxy_rotation_state` | str: `in`, `out` | required |" in text
+    assert "| `haproxy_rotation_state` | str: `in`, `out`, `drain` | required |" in text

@@ -127,7 +127,8 @@
       sockjsLink = loadScript("static/sockjs.min.js").then(
         () =>
           new Promise((resolve, reject) => {
-            const socket = new window.SockJS(root + "sockjs");
+            // The page's CellSessionID in the URL keeps the connection with the cell of its kernels.
+            const socket = new window.SockJS(`${root}sockjs?CellSessionID=${encodeURIComponent(cellSessionID())}`);
             const link = { socket, kernels: {} };
             socket.onopen = () => resolve(link);
             socket.onmessage = (event) => {
@@ -156,7 +157,6 @@
       this.linked = linked;
       this.handlers = {}; // msg_id -> the cell's handler for the answers to that request
       this.ended = false;
-      this.queue = [];
       this.ready = this.start();
     }
 
@@ -165,7 +165,7 @@
       const answer = await post("kernel", fields);
       this.id = answer.id;
       this.filesURL = `${root}kernel/${answer.id}/files/`;
-      if (window.WebSocket && !window.sagecell.forceSockJS) {
+      if (window.WebSocket) {
         try {
           await this.openWebSocket(answer.ws_url);
           return;
