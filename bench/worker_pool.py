@@ -32,6 +32,8 @@ RESULTS = PROJECT_ROOT / "bench" / "results" / "worker_pool.json"
 
 # Stopped in this order, started again in the reverse one (the server needs its provider).
 LIVE_POOL_UNITS = ("cellfleet-cell-health.timer", "cellserver.service", "cellfleet-kernel-provider.service")
+# A check the timer already started outlives it, and restarts the server (and provider) it finds stopped.
+HEALTH_CHECK_UNIT = "cellfleet-cell-health.service"
 RUN = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-run"
 RESET = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-reset"
 CASES = {
@@ -66,7 +68,7 @@ def pool_to_ourselves(address: str) -> Iterator[None]:
     running = [unit for unit, state in zip(LIVE_POOL_UNITS, states, strict=True) if state == "active"]
     if running:
         print(f"stopping while measuring: {' '.join(running)}")
-        ssh(address, f"systemctl stop {' '.join(running)}")
+        ssh(address, f"systemctl stop {HEALTH_CHECK_UNIT} {' '.join(running)}")
     try:
         yield
     finally:

@@ -50,6 +50,16 @@ def execute_request(code: str) -> dict[str, Any]:
     }
 
 
+def received(messages: dict[str, Any]) -> str:
+    """What came before the server went silent, for the error: each message's channel, type and state."""
+    seen = [
+        f"{channel}:{m['header']['msg_type']}" + (f"({m['content'].get('execution_state')})" if "execution_state"
+                                                  in m.get("content", {}) else "")
+        for channel in ("shell", "iopub") for m in messages[channel]
+    ]  # fmt: skip
+    return ", ".join(seen) or "no message at all"
+
+
 def new_files(messages: dict[str, Any]) -> list[str]:
     """The files the execute reply's payload announces."""
     replies = [m for m in messages["shell"] if m["header"]["msg_type"] == "execute_reply"]
@@ -91,7 +101,10 @@ async def run(
     messages: dict[str, Any] = {"shell": [], "iopub": []}
     replied = idle = False
     while not (replied and idle):
-        text = await asyncio.wait_for(connection.read_message(), timeout)
+        try:
+            text = await asyncio.wait_for(connection.read_message(), timeout)
+        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError before Python 3.11 (EL9)
+            raise TimeoutError(f"silent for {timeout:g} s, after {received(messages)}") from None
         if text is None:
             raise ConnectionError("the server closed the connection before the computation ended")
         message = json.loads(text)

@@ -48,6 +48,19 @@ with ThreadPoolExecutor(int(sys.argv[3])) as pool:
 """
 
 
+HEALTH_CHECK_UNITS = ("cellfleet-cell-health.timer", "cellfleet-cell-health.service")
+
+
+def stop_health_checks(host: Host) -> None:
+    """Stop the health timer and a check it already started. A running check outlives its timer, and after its
+    failed tries it restarts the server, whose kernel provider resets every worker when it starts."""
+    host.run_test(f"systemctl stop {' '.join(HEALTH_CHECK_UNITS)}")
+
+
+def start_health_checks(host: Host) -> None:
+    host.run(f"systemctl start {HEALTH_CHECK_UNITS[0]}")
+
+
 @dataclass(frozen=True)
 class Cell:
     node: Node

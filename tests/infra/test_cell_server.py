@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cells import Cell
+from cells import Cell, start_health_checks, stop_health_checks
 from conftest import main_pid, seconds_until_back
 
 
@@ -105,8 +105,9 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
     slots = len(cell.uids)
     # Nothing else may take a worker meanwhile: load balancers probe /health through nginx, and the health
     # timer computes too. Both come back afterwards.
-    quiet = [unit for unit in ("nginx.service", "cellfleet-cell-health.timer") if cell.host.service(unit).is_running]
-    cell.host.run_test(f"systemctl stop {' '.join(quiet)}" if quiet else "true")
+    nginx_ran = cell.host.service("nginx.service").is_running
+    stop_health_checks(cell.host)
+    cell.host.run_test("systemctl stop nginx.service")
     try:
         cell.wait_until_idle()
         # Each holder marks its home once it runs, then sleeps until just before the wall limit.
@@ -129,7 +130,8 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
             waited = time.monotonic() - asked
             answers = holding.result()
     finally:
-        cell.host.run(f"systemctl start {' '.join(quiet)}" if quiet else "true")
+        cell.host.run("systemctl start nginx.service" if nginx_ran else "true")
+        start_health_checks(cell.host)
         cell.wait_until_idle()  # the next test needs a free worker: the holders' workers are being reset
     not_held = [answer for answer in answers if answer["status"] != 200]
     assert running == str(slots), f"only {running} of {slots} workers ran a holder at once; refused: {not_held}"
@@ -161,7 +163,7 @@ def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> No
     # cell's whole CPU went on starting kernels, and every computation waited seconds for one.
     wanted = int(cell.node.variables.get("cell_server_preforked", 2))
     fetch = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=60).read()"
-    cell.host.run_test("systemctl stop cellfleet-cell-health.timer")
+    stop_health_checks(cell.host)
     try:
         cell.wait_until_idle()
         deadline = time.monotonic() + 120
@@ -175,7 +177,7 @@ def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> No
             time.sleep(max_age + 1)
         after = reserve_kernels(cell)
     finally:
-        cell.host.run("systemctl start cellfleet-cell-health.timer")
+        start_health_checks(cell.host)
     assert after == kernels, f"reserve kernels {sorted(kernels)} became {sorted(after)} with nobody computing"
 
 
@@ -253,7 +255,7 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     # are killed behind its back (it cannot reap them nor tell the server).
     assert cell.host.service("cellfleet-cell-health.timer").is_running
     # A check the timer started before the fault would answer `systemctl start` with its own success.
-    cell.host.run_test("systemctl stop cellfleet-cell-health.timer cellfleet-cell-health.service")
+    stop_health_checks(cell.host)
     provider = main_pid(cell.host, "cellfleet-kernel-provider")
     server = main_pid(cell.host, "cellserver")
     cell.host.run_test(f"kill -STOP {provider}")
@@ -266,7 +268,7 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
         check = cell.host.run("systemctl start cellfleet-cell-health.service")
     finally:
         cell.host.run(f"kill -CONT {provider}")
-        cell.host.run("systemctl start cellfleet-cell-health.timer")
+        start_health_checks(cell.host)
     assert check.rc != 0
     log = cell.host.check_output("journalctl -u cellfleet-cell-health --since '-5min' --no-pager")
     assert "restarting cellserver.service" in log and "failed" in log

@@ -98,6 +98,13 @@ def cell_server_python(cell: Node) -> str:
     return str(PurePosixPath(start.split("path=", 1)[1].split()[0]).parent / "python3")
 
 
+def servers_log(lab: dict[str, Node], since: str) -> str:
+    """Each cell's cell server and kernel provider journal since a time: what a failed session left there."""
+    units = "-u cellserver -u cellfleet-kernel-provider -u cellfleet-cell-health"
+    command = f"journalctl {units} --since {shlex.quote(since)} --no-pager -o short-monotonic"
+    return "\n".join(f"--- {cell.name}\n" + cell.host.run(command).stdout[-6000:] for cell in cells(lab))
+
+
 def test_interactive_sessions_reach_their_own_cell_through_the_load_balancer(lab: dict[str, Node]) -> None:
     # Upstream's interactive client: POST /kernel on one connection, then the kernel's WebSocket (wss, as
     # the cell reports it behind TLS) on another; with two cells, leastconn alone sends the WebSocket to the
@@ -108,9 +115,10 @@ def test_interactive_sessions_reach_their_own_cell_through_the_load_balancer(lab
     arguments = (f"https://{lb.address}", "print(2^10)", "--insecure", "--timeout", "120")
     command = script_command(CLIENTS / "sagecell_session_client.py", *arguments)
     command = command.replace("python3", cell_server_python(client), 1)
+    since = client.host.check_output("date '+%Y-%m-%d %H:%M:%S'")
     for _ in range(SESSIONS):
         session = client.host.run(command)
-        assert session.rc == 0, session.stderr
+        assert session.rc == 0, session.stderr + servers_log(lab, since)
         streams = [m["content"] for m in json.loads(session.stdout)["iopub"] if m["header"]["msg_type"] == "stream"]
         assert "".join(stream["text"] for stream in streams) == "1024\n", streams
     routed = {key: cell for key, cell in stuck_sessions(lb).items() if key not in before}
