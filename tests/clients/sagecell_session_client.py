@@ -52,11 +52,11 @@ def execute_request(code: str) -> dict[str, Any]:
 
 def received(messages: dict[str, Any]) -> str:
     """What came before the server went silent, for the error: each message's channel, type and state."""
-    seen = [
-        f"{channel}:{m['header']['msg_type']}" + (f"({m['content'].get('execution_state')})" if "execution_state"
-                                                  in m.get("content", {}) else "")
-        for channel in ("shell", "iopub") for m in messages[channel]
-    ]  # fmt: skip
+    seen = []
+    for channel in ("shell", "iopub"):
+        for message in messages[channel]:
+            state = message.get("content", {}).get("execution_state")
+            seen.append(f"{channel}:{message['header']['msg_type']}" + (f"({state})" if state else ""))
     return ", ".join(seen) or "no message at all"
 
 

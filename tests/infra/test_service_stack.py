@@ -99,7 +99,8 @@ def cell_server_python(cell: Node) -> str:
 
 
 def servers_log(lab: dict[str, Node], since: str) -> str:
-    """Each cell's cell server and kernel provider journal since a time: what a failed session left there."""
+    """Each cell's cell server, kernel provider and health check journals since a time: what a failed session
+    left there."""
     units = "-u cellserver -u cellfleet-kernel-provider -u cellfleet-cell-health"
     command = f"journalctl {units} --since {shlex.quote(since)} --no-pager -o short-monotonic"
     return "\n".join(f"--- {cell.name}\n" + cell.host.run(command).stdout[-6000:] for cell in cells(lab))
