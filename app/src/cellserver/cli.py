@@ -226,6 +226,15 @@ def run_kernel_provider(args: argparse.Namespace) -> None:
     kernel_provider.serve_pool(settings, args.socket)
 
 
+def log_to_stderr() -> None:
+    """What the servers tell the operator (sessions opening and ending, kernels failing) goes to stderr, the
+    unit's journal. Not tornado's line per request: the load balancers' health probes alone are one a second."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "kernel-provider":
@@ -242,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.check:
             print(f"cellserver: settings are valid: {config}")
             return
+    log_to_stderr()
     # Ctrl-C is how a developer stops it: no traceback for that.
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_serve(config) if args.command == "serve" else run_permalink(args))

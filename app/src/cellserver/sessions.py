@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import json
 import logging
+import queue
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +42,14 @@ REAP_INTERVAL_SECONDS = 1.0
 FILES_KEPT_PATIENCE_SECONDS = 10.0
 DRAINED = "its cell was taken out of service for maintenance"
 RELEASE_POLL_SECONDS = 0.02
+# A channel's reader waits this long for the kernel's next message, then looks again: an asyncio wait on a
+# zmq socket can miss the wake-up of a message already queued (its descriptor is edge-triggered), and a
+# bounded wait finds such a message at its next look instead of never.
+RECEIVE_WAIT_SECONDS = 1.0
+# A computation whose outputs are all out (its idle status came) but whose reply has not, this long after:
+# the kernel's shell is sent a kernel_info request, whose arrival makes a kernel that holds the reply unsent
+# send it (ipykernel's shell reads and writes one socket; a missed wake-up there strands a message too).
+REPLY_PATIENCE_SECONDS = 5.0
 
 
 class TooManySessionsError(Exception):
@@ -80,6 +89,9 @@ class KernelSession:
     awaiting_reply: set[str] = field(default_factory=set)
     awaiting_idle: set[str] = field(default_factory=set)
     requests: set[str] = field(default_factory=set)  # the page's message ids: their answers are the page's
+    # Computations whose idle status came before their reply: when it came, and whether the kernel was asked.
+    idle_before_reply: dict[str, float] = field(default_factory=dict)
+    nudged: set[str] = field(default_factory=set)
     connection: PageConnection | None = None
     ended: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -289,19 +301,32 @@ class SessionManager:
 
     async def _pump(self, session: KernelSession, channel: str) -> None:
         receive = session.kernel.client.get_iopub_msg if channel == "iopub" else session.kernel.client.get_shell_msg
-        while True:
-            message = await receive()
-            self._from_kernel(session, message, channel)
-            if session.ended:
+        while not session.ended:
+            try:
+                message = await receive(timeout=RECEIVE_WAIT_SECONDS)
+            except queue.Empty:
+                continue
+            except Exception:
+                # A message that does not deserialize, a socket closed under the reader: the page would wait
+                # for answers that cannot come, so it is told instead.
+                log.exception("session %s: reading its kernel's %s channel failed", session.session_id, channel)
+                self.end(session, f"the server could not read its kernel's {channel} messages")
                 return
+            try:
+                self._from_kernel(session, message, channel)
+            except Exception:
+                log.exception("session %s: a %s message of its kernel was not passed on", session.session_id, channel)
 
     def _from_kernel(self, session: KernelSession, message: dict[str, Any], channel: str) -> None:
         kind = message.get("msg_type")
         parent = message.get("parent_header", {}).get("msg_id")
         if kind in COMPUTATION_REPLIES:
             session.awaiting_reply.discard(parent)
+            self._reply_came(session, parent)
         if kind == "status" and message["content"].get("execution_state") == "idle":
             session.awaiting_idle.discard(parent)
+            if parent in session.awaiting_reply:
+                session.idle_before_reply[parent] = time.monotonic()
         if kind == "kernel_timeout":
             # The kernel asks to live longer or shorter (an interact waits for the page's changes).
             # The kernel runs the page's code, so what it asks for is checked like a page's request.
@@ -313,6 +338,27 @@ class SessionManager:
         session.last_activity = time.monotonic()
         if session.timeout == 0 and self.computations_done(session):
             self.end(session, "its computations are done")
+
+    @staticmethod
+    def _reply_came(session: KernelSession, parent: str | None) -> None:
+        idle_at = session.idle_before_reply.pop(parent, None) if parent else None
+        if parent in session.nudged:
+            session.nudged.discard(parent)
+            waited = time.monotonic() - idle_at if idle_at is not None else 0.0
+            log.warning("session %s: the reply to %s came %.1f s after its idle status, once the kernel was asked",
+                        session.session_id, parent, waited)  # fmt: skip
+
+    @staticmethod
+    def ask_for_late_replies(session: KernelSession, now: float) -> None:
+        """Send a kernel_info request for computations whose reply is late after their idle status (once each)."""
+        late = [parent for parent, idle_at in session.idle_before_reply.items()
+                if parent not in session.nudged and now - idle_at > REPLY_PATIENCE_SECONDS]  # fmt: skip
+        if not late:
+            return
+        log.warning("session %s: no reply to %s %g s after its idle status; asking the kernel's shell",
+                    session.session_id, ", ".join(late), REPLY_PATIENCE_SECONDS)  # fmt: skip
+        session.nudged.update(late)
+        session.kernel.client.kernel_info()
 
     @staticmethod
     def computations_done(session: KernelSession) -> bool:
@@ -349,3 +395,5 @@ class SessionManager:
                 reason = self.expired(session, now)
                 if reason is not None:
                     self.end(session, reason)
+                else:
+                    self.ask_for_late_replies(session, now)
