@@ -341,12 +341,11 @@ class SessionManager:
 
     @staticmethod
     def _reply_came(session: KernelSession, parent: str | None) -> None:
-        idle_at = session.idle_before_reply.pop(parent, None) if parent else None
-        if parent in session.nudged:
+        idle_at = session.idle_before_reply.pop(parent, None)
+        if idle_at is not None and parent in session.nudged:
             session.nudged.discard(parent)
-            waited = time.monotonic() - idle_at if idle_at is not None else 0.0
             log.warning("session %s: the reply to %s came %.1f s after its idle status, once the kernel was asked",
-                        session.session_id, parent, waited)  # fmt: skip
+                        session.session_id, parent, time.monotonic() - idle_at)  # fmt: skip
 
     @staticmethod
     def ask_for_late_replies(session: KernelSession, now: float) -> None:
