@@ -48,6 +48,7 @@ def run_role(tmp_path: Path, role: str, variables: dict) -> subprocess.Completed
 BAD_INPUT = [
     ("worker_pool", {"worker_pool_size": 0}, "pool size must be 1-99 (got 0)"),
     ("worker_pool", {"worker_pool_size": "eight"}, "worker_pool_size"),
+    ("worker_pool", {"worker_pool_kernel_mib": 0}, "worker_pool_kernel_mib must be at least 1"),
     ("worker_pool", {"worker_pool_selinux_user": "staff_u"}, "worker_pool_selinux_user must be one of"),
     ("worker_pool", {"worker_pool_selinux_user": "unconfined_u"}, "worker_pool_selinux_user must be one of"),
     (

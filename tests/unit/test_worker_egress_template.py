@@ -27,7 +27,7 @@ def worker_chain(ruleset: str) -> list[str]:
 
 
 def test_default_drops_everything_a_worker_sends(tmp_path: Path) -> None:
-    ruleset = render()
+    ruleset = render(worker_pool_size=8)  # the default size is computed from the host's memory
     assert "meta skuid 20001-20008 jump worker" in ruleset
     assert "meta skgid 20000 jump worker" in ruleset
     assert worker_chain(ruleset)[-1] == "counter drop"
@@ -37,6 +37,7 @@ def test_default_drops_everything_a_worker_sends(tmp_path: Path) -> None:
 
 def test_allowlist_and_loopback_come_before_the_drop(tmp_path: Path) -> None:
     ruleset = render(
+        worker_pool_size=8,
         worker_pool_egress_allow_loopback=True,
         worker_pool_egress_allowlist=[
             {"address": "10.0.0.0/8", "port": 5432, "protocol": "tcp"},
