@@ -189,9 +189,21 @@ bench-kernel-start: venv sage ## Where a fresh Sage kernel's start goes: fork, r
 bench-sessions: venv sage ## Kernel sessions, Sage kernel: POST /kernel to first reply, round trip, PSS of 50 idle sessions
 	@$(BIN)/python bench/sessions.py $(BENCH_ARGS)
 
+.PHONY: bench-sessions-lab
+bench-sessions-lab: venv ## Kernel sessions through the lab's HAProxy+TLS: creation time, sessions held per cell; after `make up`
+	@$(BIN)/python bench/sessions_lab.py $(BENCH_ARGS)
+
 .PHONY: bench-service-pooled
 bench-service-pooled: venv ## /service on the lab's cell1, kernels as pooled confined workers; after `make up`
 	@$(BIN)/python bench/service_pooled.py $(BENCH_ARGS)
+
+# The lab's HTTPS forward on this machine's loopback (lab_https_port in the lab inventory).
+LAB_URL := https://127.0.0.1:$(shell awk '/^lab_https_port:/ {print $$2}' inventory/lab/group_vars/all/lab.yml)
+
+.PHONY: embed-lab
+embed-lab: venv ## The embed page in headless Chromium and upstream's client, through the lab's HAProxy; after `make up`
+	@CELLFLEET_LAB_URL=$(LAB_URL) $(BIN)/pytest -q -p no:cacheprovider app/tests/test_embed.py \
+		app/tests/test_sessions.py::test_upstreams_client_computes_factorial_2020_with_sage
 
 .PHONY: cluster-test
 cluster-test: venv ## Rolling update, add/remove a cell, a lost VM, all under load (0 failed); after `make up` (~40 min)

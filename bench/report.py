@@ -47,7 +47,11 @@ BENCHMARKS = (
     Benchmark("service_sage", "service_sage.py", "service_sage.json",
               "/service with the Sage kernel on this machine, fresh kernel each, 1/8/32 clients"),
     Benchmark("permalinks", "permalinks.py", "permalinks.json", "permalink store on this machine"),
+    Benchmark("sessions", "sessions.py", "sessions.json",
+              "kernel sessions with the Sage kernel on this machine: creation, interact update, idle PSS"),
     Benchmark("stack", "stack.py", "stack.json", "through HAProxy+TLS beside direct, concurrency 1/8/32"),
+    Benchmark("sessions_lab", "sessions_lab.py", "sessions_lab.json",
+              "kernel sessions through HAProxy+TLS on the lab: creation, sessions held per cell"),
     Benchmark("service_pooled", "service_pooled.py", "service_pooled.json", "/service on cell1 with confined workers"),
     Benchmark("worker_pool", "worker_pool.py", "worker_pool.json", "worker launch and reset on cell1"),
     Benchmark("unit_security", "unit_security.py", "unit_security.json", "systemd-analyze security of the services"),
@@ -167,6 +171,27 @@ def permalink_targets(data: Any) -> list[Target]:
     ]  # fmt: skip
 
 
+def session_targets(data: Any) -> list[Target]:
+    creation, update = dig(data, "creation_p50_ms"), dig(data, "interact_update_p50_ms")
+    return [
+        Target("Sage kernel session, POST /kernel to first reply, p50", creation, "ms", "<= 150 ms",
+               at_most(creation, 150), "sessions"),
+        Target("@interact slider change to new output, p50", update, "ms", "<= 100 ms", at_most(update, 100),
+               "sessions"),
+        Target("PSS per idle Sage session (50 held)", dig(data, "pss_mib_per_idle_session"), "MiB", "printed", None,
+               "sessions"),
+    ]  # fmt: skip
+
+
+def lab_session_targets(data: Any) -> list[Target]:
+    return [
+        Target("lab: POST /kernel to first reply through HAProxy+TLS, p50", dig(data, "creation_p50_ms"), "ms",
+               "reported", None, "sessions_lab"),
+        Target("lab: idle sessions held at once, both cells", dig(data, "held"), "", "reported", None,
+               "sessions_lab"),
+    ]  # fmt: skip
+
+
 def cluster_targets(data: Any) -> list[Target]:
     seconds = dig(data, "clone_to_serving_s")
     return [
@@ -196,6 +221,8 @@ TARGETS: dict[str, Callable[[Any], list[Target]]] = {
     "service.json": service_targets,
     "service_sage.json": service_sage_targets,
     "permalinks.json": permalink_targets,
+    "sessions.json": session_targets,
+    "sessions_lab.json": lab_session_targets,
     "cluster_ops.json": cluster_targets,
     "chaos.json": chaos_targets,
 }

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -229,15 +231,49 @@ def compute(tmp_path: Path) -> Iterator[Service]:
     running.stop()
 
 
+def lab_url() -> str | None:
+    """The cluster that the embed page and upstream's client tests run against instead of a laptop server
+    (`make embed-lab` sets it to the lab's load balancer); None: they start servers of their own."""
+    return os.environ.get("CELLFLEET_LAB_URL") or None
+
+
+@dataclass(frozen=True)
+class RemoteService:
+    """A running cluster in place of a laptop Service: its load balancer's URL, and requests to it (its
+    self-signed certificate taken as it is)."""
+
+    url: str
+
+    def request(
+        self, method: str, path: str, fields: dict[str, str] | None = None, timeout: float = 60,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], str]:  # fmt: skip
+        target = urllib.parse.urlsplit(self.url)
+        body = urllib.parse.urlencode(fields).encode() if fields is not None else None
+        sent = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})} if body else headers or {}
+        connection = http.client.HTTPSConnection(
+            target.hostname or "", target.port or 443, timeout=timeout, context=ssl._create_unverified_context()
+        )
+        try:
+            connection.request(method, path, body=body, headers=sent)
+            answer = connection.getresponse()
+            # A WebSocket upgrade that succeeded answers 101 and keeps the connection: no body to read.
+            text = "" if answer.status == 101 else answer.read().decode()
+            return answer.status, dict(answer.headers), text
+        finally:
+            connection.close()
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Headless Chromium for a module's tests; skips without it, fails under CI."""
+    """Headless Chromium for a module's tests; skips without it, fails under CI. Against the lab, it takes the
+    load balancer's self-signed certificate."""
     binary = chromium_binary()
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed (apt install chromium); CI must run the browser tests")
         pytest.skip("chromium is not installed (apt install chromium)")
-    running = Browser(binary)
+    running = Browser(binary, *(["--ignore-certificate-errors"] if lab_url() else []))
     yield running
     running.close()
 

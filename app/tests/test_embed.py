@@ -1,6 +1,9 @@
 """The embed script in a real browser, on a page of another origin, called as upstream's embedding docs show:
 Sage code with text and a plot, an `@interact` slider that recomputes, linked cells sharing a kernel, a
-permalink that reopens the code, and the SockJS fallback of a browser without WebSockets."""
+permalink that reopens the code, and the SockJS fallback of a browser without WebSockets.
+
+Against a laptop server of their own, or with CELLFLEET_LAB_URL against a cluster (`make embed-lab`: the lab's
+load balancer, TLS, two cells): the same page, the same assertions, with the patience an emulated cell needs."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import pytest
 from browser import Browser
 from test_sessions import wait_for_status
 
-from conftest import Service, sage_python, serving_with_settings
+from conftest import RemoteService, Service, lab_url, sage_python, serving_with_settings
 
 SAGE_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>a course page</title>
@@ -30,6 +33,8 @@ def f(n=slider(1, 10, 1, default=2)):
 </body></html>
 """
 LIFETIME_SECONDS = 5
+# Seconds a cell may take to compute: a lab cell has one emulated vCPU, a plot takes it tens of seconds.
+PATIENCE = 240 if lab_url() else 60
 LINKED_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>a course page</title>
 <script src="{server}/embedded_sagecell.js"></script>
@@ -50,14 +55,21 @@ NO_WEBSOCKET_PAGE = """<!DOCTYPE html>
 
 
 @pytest.fixture(scope="module")
-def sage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def sage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service | RemoteService]:
+    if lab_url():
+        yield RemoteService(lab_url() or "")
+        return
     settings = 'kernel = "sage"\nmax_kernels = 4\npreforked = 2\n'
     yield from serving_with_settings(tmp_path_factory.mktemp("embed-sage"), settings, python=sage_python())
 
 
 @pytest.fixture(scope="module")
-def python_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """A Python-kernel server whose sessions live a few seconds at most."""
+def python_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service | RemoteService]:
+    """A Python-kernel server whose sessions live a few seconds at most; against a cluster, the cluster (whose
+    Sage kernel runs the pages' Python as upstream's does)."""
+    if lab_url():
+        yield RemoteService(lab_url() or "")
+        return
     settings = f"max_kernels = 2\npreforked = 1\nsession_lifetime_seconds = {LIFETIME_SECONDS}\n"
     yield from serving_with_settings(tmp_path_factory.mktemp("embed-python"), settings)
 
@@ -66,7 +78,7 @@ def cell(index: int) -> str:
     return f"sagecell.cells[{index}]"
 
 
-def evaluate_and_wait(browser: Browser, index: int, timeout: float = 60) -> str:
+def evaluate_and_wait(browser: Browser, index: int, timeout: float = PATIENCE) -> str:
     """Press the cell's Evaluate button; its output text once the cell is done (fails if it failed)."""
     browser.evaluate(f"{cell(index)}.evalButton.click()")
     state = browser.wait_for(f"['done', 'failed'].includes({cell(index)}.cell.dataset.state) && "
@@ -106,16 +118,17 @@ def test_an_interact_slider_recomputes_in_the_page(browser: Browser, site: tuple
     browser.wait_for(f"{cell(3)}.editor !== undefined")
     assert "square 4" in evaluate_and_wait(browser, 3)
     slider = f"{cell(3)}.output.querySelector('.sagecell_interact input[type=range]')"
+    interact_output = f"{cell(3)}.output.querySelector('.sagecell_interactOutput').textContent"
     assert browser.evaluate(f"[{slider}.min, {slider}.max, {slider}.value]") == ["1", "10", "2"]
     browser.evaluate(f"(s => {{ s.value = '7'; s.dispatchEvent(new Event('change')); }})({slider})")
-    browser.wait_for(f"{cell(3)}.output.querySelector('.sagecell_interactOutput').textContent === 'square 49\\n'")
+    browser.wait_for(f"{interact_output} === 'square 49\\n'", PATIENCE)
     browser.evaluate(f"(s => {{ s.value = '9'; s.dispatchEvent(new Event('change')); }})({slider})")
-    browser.wait_for(f"{cell(3)}.output.querySelector('.sagecell_interactOutput').textContent === 'square 81\\n'")
+    browser.wait_for(f"{interact_output} === 'square 81\\n'", PATIENCE)
     # Run again: a new kernel, and the one the interact kept is freed, not left to its idle timeout.
     first = browser.evaluate(f"{cell(3)}.current.id")
     assert "square 4" in evaluate_and_wait(browser, 3)
     assert browser.evaluate(f"{cell(3)}.current.id") != first
-    wait_for_status(sage, first, 404, patience=10)
+    wait_for_status(sage, first, 404, patience=PATIENCE / 6)
 
 
 def test_a_permalink_of_a_sage_cell_reopens_it(browser: Browser, site: tuple, sage: Service) -> None:
@@ -132,11 +145,12 @@ def test_a_permalink_of_a_sage_cell_reopens_it(browser: Browser, site: tuple, sa
 
 def test_without_websockets_the_cell_runs_over_sockjs(browser: Browser, site: tuple, python_server: Service) -> None:
     open_page(browser, site, "/no-websocket.html", NO_WEBSOCKET_PAGE.format(server=python_server.url), cells=1)
-    browser.wait_for(f"{cell(0)}.cell.dataset.state === 'done'", timeout=60)
+    browser.wait_for(f"{cell(0)}.cell.dataset.state === 'done'", timeout=PATIENCE)
     assert browser.evaluate(f"{cell(0)}.output.textContent") == "42\n"
     assert browser.evaluate("typeof window.SockJS") == "function"  # the fallback was what carried it
 
 
+@pytest.mark.skipif(lab_url() is not None, reason="needs a server whose sessions live 5 s")
 def test_a_session_the_server_ends_says_why_on_the_page(browser: Browser, site: tuple, python_server: Service) -> None:
     open_page(browser, site, "/linked.html", LINKED_PAGE.format(server=python_server.url), cells=1)
     assert evaluate_and_wait(browser, 0) == ""

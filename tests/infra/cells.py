@@ -7,6 +7,7 @@ import json
 import shlex
 import time
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 import pytest
@@ -46,6 +47,12 @@ def one(_):
 with ThreadPoolExecutor(int(sys.argv[3])) as pool:
     print(json.dumps(list(pool.map(one, range(int(sys.argv[3]))))))
 """
+
+
+def cell_server_python(host: Host) -> str:
+    """The python of the cell server's venv, read from its unit: it has tornado, the system python3 has not."""
+    start = host.check_output("systemctl show -p ExecStart --value cellserver.service")
+    return str(PurePosixPath(start.split("path=", 1)[1].split()[0]).parent / "python3")
 
 
 HEALTH_CHECK_UNITS = ("cellfleet-cell-health.timer", "cellfleet-cell-health.service")

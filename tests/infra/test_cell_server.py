@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cells import Cell, start_health_checks, stop_health_checks
+from cells import Cell, cell_server_python, start_health_checks, stop_health_checks
 from conftest import main_pid, seconds_until_back
 
 
@@ -53,29 +53,80 @@ def test_a_computation_sees_no_other_process_and_no_network(cell: Cell) -> None:
     assert cell.stdout(code).split() == ["0", "blocked"]
 
 
-def test_what_a_computation_leaves_is_gone_after_its_answer(cell: Cell) -> None:
-    # A process that escapes the kernel's process group, and files in every place a worker may write.
-    code = (
-        "import os, time\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n    os.setsid(); os.execvp('sleep', ['sleep', '600'])\n"
-        # float(): with the Sage kernel 0.05 is a RealNumber, which time.sleep refuses (as in any Sage).
-        "while os.getsid(pid) != pid:\n    time.sleep(float(0.05))\n"
-        "for path in (os.path.expanduser('~/left-behind'), '/tmp/left-behind', '/dev/shm/left-behind'):\n"
-        "    open(path, 'w').write('x')\n"
-        "print(os.getuid(), pid)\n"
-    )
-    uid, pid = cell.stdout(code).split()
-    # The release comes after the answer; on an emulated cell it waits its turn behind the reserve's refill.
+# A process that escapes the kernel's process group, and files in every place a worker may write; prints the
+# worker's uid and the escaped process's pid.
+LEAVE_BEHIND = (
+    "import os, time\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n    os.setsid(); os.execvp('sleep', ['sleep', '600'])\n"
+    # float(): with the Sage kernel 0.05 is a RealNumber, which time.sleep refuses (as in any Sage).
+    "while os.getsid(pid) != pid:\n    time.sleep(float(0.05))\n"
+    "for path in (os.path.expanduser('~/left-behind'), '/tmp/left-behind', '/dev/shm/left-behind'):\n"
+    "    open(path, 'w').write('x')\n"
+    "print(os.getuid(), pid)\n"
+)
+
+
+def leftovers_once_released(cell: Cell, uid: str, pid: str, name: str) -> str:
+    """The worker's processes and its files called name, once they are gone or 90 s have passed: the release
+    comes after the answer, and on an emulated cell it waits its turn behind the reserve's refill."""
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    while True:
         left = cell.host.run(f"ps -o pid= -u {uid}").stdout
-        left += cell.find_in_kernels_view("/", f"-user {uid} -name left-behind")
-        if pid not in left.split() and "left-behind" not in left:
-            break
+        left += cell.find_in_kernels_view("/", f"-user {uid} -name {name}")
+        if (pid not in left.split() and name not in left) or time.monotonic() > deadline:
+            return left
         time.sleep(1)
+
+
+def test_what_a_computation_leaves_is_gone_after_its_answer(cell: Cell) -> None:
+    uid, pid = cell.stdout(LEAVE_BEHIND).split()
+    left = leftovers_once_released(cell, uid, pid, "left-behind")
     assert pid not in left.split(), "the escaped process outlived the answer"
     assert "left-behind" not in left, left
+
+
+# A page's kernel session on the cell's server, asking for an idle timeout: one computation, then silence until
+# the server ends the session. Prints the output, the last message (the dead status) and the seconds from the
+# reply to the end. Runs with the server's own venv python, which has tornado.
+IDLE_SESSION = r"""
+import asyncio, json, sys, time, urllib.parse, uuid
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+async def main(port, code, idle):
+    body = urllib.parse.urlencode({"accepted_tos": "true", "timeout": idle})
+    answer = await AsyncHTTPClient().fetch(HTTPRequest(f"http://127.0.0.1:{port}/kernel", method="POST", body=body))
+    kernel = json.loads(answer.body)
+    connection = await websocket_connect(f"{kernel['ws_url']}kernel/{kernel['id']}/channels")
+    header = {"msg_type": "execute_request", "msg_id": str(uuid.uuid4()), "session": kernel["id"], "username": ""}
+    content = {"code": code, "silent": False, "user_expressions": {}, "allow_stdin": False}
+    connection.write_message(json.dumps({"channel": "shell", "header": header, "parent_header": {},
+                                         "metadata": {}, "content": content}))
+    output, last, replied = "", {}, None
+    while (text := await asyncio.wait_for(connection.read_message(), 600)) is not None:
+        last = json.loads(text)
+        if last["msg_type"] == "stream":
+            output += last["content"]["text"]
+        if last["msg_type"] == "execute_reply":
+            replied = time.monotonic()
+    print(json.dumps({"stdout": output, "last": last.get("content"), "ended_after": time.monotonic() - replied}))
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_what_a_session_leaves_is_gone_after_its_idle_end(cell: Cell) -> None:
+    # The same leftovers as a /service computation's, from a kernel session a page keeps idle: the server ends
+    # it after the idle timeout the page asked for, and its worker is reset like any other.
+    code = LEAVE_BEHIND.replace("left-behind", "left-by-session")
+    python = cell_server_python(cell.host)
+    command = f"{python} -c {shlex.quote(IDLE_SESSION)} {cell.port} {shlex.quote(code)} 5"
+    session = json.loads(cell.host.check_output(command))
+    uid, pid = session["stdout"].split()
+    assert session["last"] == {"execution_state": "dead", "reason": "idle for 5 s"}, session
+    assert 4 <= session["ended_after"] < 60, session
+    left = leftovers_once_released(cell, uid, pid, "left-by-session")
+    assert pid not in left.split(), "the escaped process outlived the session"
+    assert "left-by-session" not in left, left
 
 
 def test_a_computation_cannot_read_what_another_left_running(cell: Cell) -> None:

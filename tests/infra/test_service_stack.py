@@ -12,11 +12,12 @@ import json
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 from sending import concurrent_requests_command, script_command
 
+from cells import cell_server_python
 from conftest import Node
 
 
@@ -92,12 +93,6 @@ def stuck_sessions(lb: Node) -> dict[str, str]:
     return {pair["key"]: pair["server_key"] for pair in pairs}
 
 
-def cell_server_python(cell: Node) -> str:
-    """The python of the cell server's venv, read from its unit: it has tornado, the system python3 has not."""
-    start = cell.host.check_output("systemctl show -p ExecStart --value cellserver.service")
-    return str(PurePosixPath(start.split("path=", 1)[1].split()[0]).parent / "python3")
-
-
 def servers_log(lab: dict[str, Node], since: str) -> str:
     """Each cell's cell server, kernel provider and health check journals since a time: what a failed session
     left there."""
@@ -115,7 +110,7 @@ def test_interactive_sessions_reach_their_own_cell_through_the_load_balancer(lab
     before = stuck_sessions(lb)
     arguments = (f"https://{lb.address}", "print(2^10)", "--insecure", "--timeout", "120")
     command = script_command(CLIENTS / "sagecell_session_client.py", *arguments)
-    command = command.replace("python3", cell_server_python(client), 1)
+    command = command.replace("python3", cell_server_python(client.host), 1)
     since = client.host.check_output("date '+%Y-%m-%d %H:%M:%S'")
     for _ in range(SESSIONS):
         session = client.host.run(command)
@@ -139,7 +134,7 @@ def test_the_files_a_computation_wrote_reach_the_page_through_the_load_balancer(
     client = cells(lab)[0]
     arguments = (f"https://{lb.address}", WRITE_AND_PLANT, "--insecure", "--timeout", "120", "--fetch-files")
     command = script_command(CLIENTS / "sagecell_session_client.py", *arguments)
-    session = client.host.run(command.replace("python3", cell_server_python(client), 1))
+    session = client.host.run(command.replace("python3", cell_server_python(client.host), 1))
     assert session.rc == 0, session.stderr
     files = json.loads(session.stdout)["files"]
     plot = hashlib.sha256(bytes(range(256)) * 4).hexdigest()
