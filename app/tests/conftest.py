@@ -73,15 +73,15 @@ class Service:
         timeout: float = 60,
         headers: dict[str, str] | None = None,
         data: bytes | None = None,
-    ) -> tuple[int, dict[str, str], str]:
+    ) -> tuple[int, http.client.HTTPMessage, str]:
         if fields is not None:
             data = urllib.parse.urlencode(fields).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, dict(response.headers), response.read().decode()
+                return response.status, response.headers, response.read().decode()
         except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read().decode()
+            return error.code, error.headers, error.read().decode()
 
 
 @dataclass
@@ -247,7 +247,7 @@ class RemoteService:
     def request(
         self, method: str, path: str, fields: dict[str, str] | None = None, timeout: float = 60,
         headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], str]:  # fmt: skip
+    ) -> tuple[int, http.client.HTTPMessage, str]:  # fmt: skip
         target = urllib.parse.urlsplit(self.url)
         body = urllib.parse.urlencode(fields).encode() if fields is not None else None
         sent = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})} if body else headers or {}
@@ -259,7 +259,7 @@ class RemoteService:
             answer = connection.getresponse()
             # A WebSocket upgrade that succeeded answers 101 and keeps the connection: no body to read.
             text = "" if answer.status == 101 else answer.read().decode()
-            return answer.status, dict(answer.headers), text
+            return answer.status, answer.headers, text
         finally:
             connection.close()
 

@@ -9,6 +9,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from http.client import HTTPMessage
 
 import pytest
 from test_sessions import connect, new_kernel, run_to_idle, stdout_of, until_closed
@@ -30,7 +31,7 @@ def signal_server(server: Service, signum: signal.Signals) -> None:
     server.process.send_signal(signum)
 
 
-def until_draining(server: Service, patience: float = 10) -> tuple[int, dict[str, str], dict]:
+def until_draining(server: Service, patience: float = 10) -> tuple[int, HTTPMessage, dict]:
     """The answer to POST /kernel once the server has taken the signal (a 503)."""
     deadline = time.monotonic() + patience
     while True:

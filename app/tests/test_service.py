@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from http.client import HTTPMessage
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from conftest import Service, compute_server, descendants, only_child
 
 
-def run(compute: Service, code: str, **fields: str) -> tuple[int, dict[str, str], dict]:
+def run(compute: Service, code: str, **fields: str) -> tuple[int, HTTPMessage, dict]:
     status, headers, body = compute.request("POST", "/service", {"code": code, **fields})
     return status, headers, json.loads(body)
 
@@ -228,7 +229,7 @@ def test_a_computation_cut_short_by_the_providers_death_is_refused_not_failed(tm
     server = compute_server(tmp_path, "--max-kernels", "2", "--preforked", "1", "--timeout", "60")
     server.start()
     assert server.process is not None
-    answers: list[tuple[int, dict[str, str], dict]] = []
+    answers: list[tuple[int, HTTPMessage, dict]] = []
     computing = computation_under_way(server, tmp_path, "time.sleep(60)", answers)
     try:
         os.kill(min(descendants(server.process.pid)), signal.SIGKILL)
@@ -245,7 +246,7 @@ def test_a_stopping_server_answers_the_computations_it_runs(tmp_path: Path) -> N
     server = compute_server(tmp_path, "--timeout", "60")
     server.start()
     assert server.process is not None
-    answers: list[tuple[int, dict[str, str], dict]] = []
+    answers: list[tuple[int, HTTPMessage, dict]] = []
     computing = computation_under_way(server, tmp_path, "time.sleep(2); print('finished')", answers)
     try:
         server.process.send_signal(signal.SIGTERM)

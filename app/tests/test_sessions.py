@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from http.client import HTTPMessage
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     running.stop()
 
 
-def new_kernel(server: Service, **fields: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+def new_kernel(server: Service, **fields: str) -> tuple[int, HTTPMessage, dict[str, Any]]:
     status, headers, body = server.request(
         "POST", "/kernel", {"accepted_tos": "true", **fields}, headers={"Accept": "application/json"}
     )
@@ -115,7 +116,7 @@ def test_a_kernel_is_a_ws_url_and_an_id_as_upstream_answers(server: Service) -> 
     assert status == 200, answer
     assert answer["ws_url"] == f"ws://127.0.0.1:{server.port}/"
     assert uuid.UUID(answer["id"]).version == 4 and str(uuid.UUID(answer["id"])) == answer["id"]
-    assert {name.lower(): value for name, value in headers.items()}["jupyter-kernel-id"] == answer["id"]
+    assert headers["Jupyter-Kernel-ID"] == answer["id"]
     server.request("DELETE", f"/kernel/{answer['id']}")
 
 
