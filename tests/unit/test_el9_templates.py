@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import configparser
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,9 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_ansible import ANSIBLE_PLAYBOOK, ROOT, ansible_environment
 
-ROOT = Path(__file__).resolve().parents[2]
-ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 INVENTORY = ROOT / "inventory" / "lab" / "hosts.yml"
 
 # Which lab host renders each role's templates (a host of the group the role runs on).
@@ -125,15 +123,7 @@ def render(work: Path, family: str) -> Path:
     for role, hosts in ROLE_HOSTS.items():
         for host in hosts:
             (output / host / role).mkdir(parents=True)
-    env = {
-        **os.environ,
-        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(roles),
-        "ANSIBLE_CACHE_PLUGIN": "memory",
-        "ANSIBLE_FORCE_COLOR": "false",
-        "ANSIBLE_STRATEGY": "linear",
-    }
-    env.pop("ANSIBLE_STRATEGY_PLUGINS", None)
+    env = ansible_environment(ANSIBLE_ROLES_PATH=str(roles), ANSIBLE_CACHE_PLUGIN="memory")
     extra = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "render_dir": str(output)}
     command = [
         str(ANSIBLE_PLAYBOOK),

@@ -7,15 +7,12 @@ tagged) and the role's read-only validation tasks run, so even a check that wron
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+from local_ansible import ANSIBLE_PLAYBOOK, ROOT, ansible_environment
 
 
 def run_role(tmp_path: Path, role: str, variables: dict) -> subprocess.CompletedProcess[str]:
@@ -31,15 +28,7 @@ def run_role(tmp_path: Path, role: str, variables: dict) -> subprocess.Completed
     else:
         play += f"  roles:\n    - role: {name}\n"
     playbook.write_text(play)
-    env = {
-        **os.environ,
-        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
-        "ANSIBLE_LIBRARY": str(ROOT / "library"),
-        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-        "ANSIBLE_FORCE_COLOR": "false",
-        "ANSIBLE_STRATEGY": "linear",
-    }
-    env.pop("ANSIBLE_STRATEGY_PLUGINS", None)
+    env = ansible_environment(ANSIBLE_ROLES_PATH=str(ROOT / "roles"), ANSIBLE_LIBRARY=str(ROOT / "library"))
     command = [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", "--tags", "validate", str(playbook)]
     command += ["-e", json.dumps({"ansible_python_interpreter": sys.executable, **variables})]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)

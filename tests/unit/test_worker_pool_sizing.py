@@ -8,16 +8,14 @@ sizes; only the inputs differ from case to case.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from local_ansible import ANSIBLE_PLAYBOOK, ROOT, ansible_environment
 
-ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "roles" / "worker_pool"
-ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 
 PLAY = f"""
 - hosts: localhost
@@ -39,9 +37,7 @@ PLAY = f"""
 def sizing(tmp_path: Path, variables: dict[str, object]) -> dict[str, object]:
     playbook = tmp_path / "sizing.yml"
     playbook.write_text(PLAY)
-    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "false",
-           "ANSIBLE_STRATEGY": "linear", "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default"}  # fmt: skip
-    env.pop("ANSIBLE_STRATEGY_PLUGINS", None)
+    env = ansible_environment(ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default")
     out = tmp_path / "sizing.json"
     extra = json.dumps({"ansible_python_interpreter": sys.executable, "sizing_out": str(out), **variables})
     result = subprocess.run(
