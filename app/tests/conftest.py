@@ -31,6 +31,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def http_request(
+    url: str, method: str, fields: dict[str, str] | None = None, timeout: float = 60,
+    headers: dict[str, str] | None = None, data: bytes | None = None, context: ssl.SSLContext | None = None,
+) -> tuple[int, http.client.HTTPMessage, str]:  # fmt: skip
+    """Status, headers and text of one request; fields go as a form. An error status is an answer, not an
+    exception; a 101 (a WebSocket upgrade) has no body, so reading it returns at once."""
+    if fields is not None:
+        data = urllib.parse.urlencode(fields).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return response.status, response.headers, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read().decode()
+
+
 @dataclass
 class Service:
     port: int
@@ -74,14 +90,7 @@ class Service:
         headers: dict[str, str] | None = None,
         data: bytes | None = None,
     ) -> tuple[int, http.client.HTTPMessage, str]:
-        if fields is not None:
-            data = urllib.parse.urlencode(fields).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.headers, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.headers, error.read().decode()
+        return http_request(self.url + path, method, fields, timeout, headers, data)
 
 
 @dataclass
@@ -248,20 +257,7 @@ class RemoteService:
         self, method: str, path: str, fields: dict[str, str] | None = None, timeout: float = 60,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, http.client.HTTPMessage, str]:  # fmt: skip
-        target = urllib.parse.urlsplit(self.url)
-        body = urllib.parse.urlencode(fields).encode() if fields is not None else None
-        sent = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})} if body else headers or {}
-        connection = http.client.HTTPSConnection(
-            target.hostname or "", target.port or 443, timeout=timeout, context=ssl._create_unverified_context()
-        )
-        try:
-            connection.request(method, path, body=body, headers=sent)
-            answer = connection.getresponse()
-            # A WebSocket upgrade that succeeded answers 101 and keeps the connection: no body to read.
-            text = "" if answer.status == 101 else answer.read().decode()
-            return answer.status, answer.headers, text
-        finally:
-            connection.close()
+        return http_request(self.url + path, method, fields, timeout, headers, context=ssl._create_unverified_context())
 
 
 @pytest.fixture(scope="module")

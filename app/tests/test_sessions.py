@@ -93,7 +93,8 @@ def stdout_of(messages: list[dict[str, Any]]) -> str:
 
 
 def channels_status(server: Service, kernel_id: str) -> int:
-    """What a new connection to the kernel's channels gets: 101 while the session lives, 404 after."""
+    """What a new connection to the kernel's channels gets: 404 once the session is gone; while it lives, not 404
+    (urllib sends `Connection: close`, so the server refuses the upgrade itself with 400 instead of a 101)."""
     status, _headers, _body = server.request(
         "GET", f"/kernel/{kernel_id}/channels",
         headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
