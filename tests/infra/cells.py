@@ -20,13 +20,15 @@ if TYPE_CHECKING:
     from conftest import Node
 
 POST = """
-import json, sys, urllib.error, urllib.parse, urllib.request
+import json, sys, time, urllib.error, urllib.parse, urllib.request
 data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
+sent = time.monotonic()
 try:
     with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
-        print(json.dumps({"status": answer.status, "headers": dict(answer.headers), "body": json.load(answer)}))
+        status, headers, body = answer.status, dict(answer.headers), json.load(answer)
 except urllib.error.HTTPError as error:
-    print(json.dumps({"status": error.code, "headers": dict(error.headers), "body": json.load(error)}))
+    status, headers, body = error.code, dict(error.headers), json.load(error)
+print(json.dumps({"status": status, "headers": headers, "body": body, "seconds": time.monotonic() - sent}))
 """
 
 

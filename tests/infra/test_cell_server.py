@@ -73,7 +73,7 @@ def leftovers_once_released(cell: Cell, uid: str, pid: str, name: str) -> str:
     deadline = time.monotonic() + 90
     while True:
         left = cell.host.run(f"ps -o pid= -u {uid}").stdout
-        left += cell.find_in_kernels_view("/", f"-user {uid} -name {name}")
+        left += cell.find_in_kernels_view("/ /home/*", f"-user {uid} -name {name}")
         if (pid not in left.split() and name not in left) or time.monotonic() > deadline:
             return left
         time.sleep(1)
@@ -173,9 +173,9 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
             # Each may wait for a kernel start (up to the start timeout, 30 s) before it holds for the wall limit.
             holding = background.submit(cell.compute_many, hold, slots, limit / 3, limit + 90)
             deadline = time.monotonic() + limit - 2
-            running = "0"
-            while running != str(slots) and time.monotonic() < deadline:
-                running = cell.host.run("ls /home/*/holding 2>/dev/null | wc -l").stdout.strip()
+            running = 0
+            while running != slots and time.monotonic() < deadline:
+                running = cell.find_in_kernels_view("/home/*", "-maxdepth 1 -name holding").count("holding")
                 time.sleep(0.3)
             asked = time.monotonic()
             refused = cell.compute("print(1)")
@@ -186,7 +186,7 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
         start_health_checks(cell.host)
         cell.wait_until_idle()  # the next test needs a free worker: the holders' workers are being reset
     not_held = [answer for answer in answers if answer["status"] != 200]
-    assert running == str(slots), f"only {running} of {slots} workers ran a holder at once; refused: {not_held}"
+    assert running == slots, f"only {running} of {slots} workers ran a holder at once; refused: {not_held}"
     assert refused["status"] == 503, refused
     assert refused["headers"]["Retry-After"].isdigit()
     assert waited < 6, "a full pool must answer at once, not queue the request"

@@ -39,7 +39,7 @@ def until_nothing_left(look: Callable[[], str]) -> str:
 
 def files_left(cell: Cell, uid: int, name: str) -> str:
     """The files called name* the worker still owns after its computation's release, as root sees them."""
-    roots = f"/ /dev/shm {KERNEL_RUNTIME_DIR}"
+    roots = f"/ /home/* /dev/shm {KERNEL_RUNTIME_DIR}"  # each home is a mount of its own
     return until_nothing_left(lambda: cell.find_in_kernels_view(roots, f"-user {uid} -name '{name}*'"))
 
 
@@ -249,7 +249,9 @@ def test_proc_and_sockets_of_other_computations_and_services_are_out_of_reach(ce
     with ThreadPoolExecutor(1) as background:
         holding = background.submit(cell.compute, HOLDER.replace("SECRET", secret))
         deadline = time.monotonic() + 20
-        while cell.host.run(f"ls /home/*/holding-{secret}").rc != 0 and time.monotonic() < deadline:
+        held = f"holding-{secret}"
+        while held not in cell.find_in_kernels_view("/home/*", f"-maxdepth 1 -name {held}"):
+            assert time.monotonic() < deadline, "the holder never wrote its file"
             time.sleep(0.3)
         # The bracket keeps pgrep's own shell, whose command line holds the pattern, from matching.
         holder_pids = cell.host.check_output(f"pgrep -f '[{secret[0]}]{secret[1:]}'").split()

@@ -16,6 +16,7 @@ from cellserver import config as config_module
 from cellserver.config import ServerConfig
 
 if TYPE_CHECKING:
+    from cellserver.kernel_box import BoxLimits
     from cellserver.kernels import KernelPool, PoolSettings
 
 
@@ -48,6 +49,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     provider.add_argument("--kernel", choices=["python3", "sage"], default="python3",
                           help="kernel to fork (sage needs passagemath)")  # fmt: skip
     provider.add_argument("--parent-pid", type=int, help="spawned mode: exit with this process")
+    provider.add_argument("--box", action="store_true",
+                          help="service mode: a cgroup, mount, IPC and network namespace per kernel (cgroup v2, "
+                               "Delegate=yes)")  # fmt: skip
+    provider.add_argument("--box-memory-mib", type=int, default=1024, help="memory.max of one kernel's box")
+    provider.add_argument("--box-tasks", type=int, default=128, help="pids.max of one kernel's box")
+    provider.add_argument("--box-cpu-weight", type=int, default=100, help="cpu.weight of one kernel's box")
+    provider.add_argument("--box-tmpfs-mib", type=int, default=64,
+                          help="size of each of the box's tmpfs: /tmp, /var/tmp, /dev/shm, the home")  # fmt: skip
     permalink = commands.add_parser("permalink", help="run the permalink service")
     permalink.add_argument("--port", type=int, default=8889, help="TCP port (default 8889)")
     permalink.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
@@ -68,7 +77,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("give either --socket (service mode) or --parent-pid (spawned by cellserver serve)")
     if args.command == "kernel-provider" and (args.socket is None) != (args.worker_pool is None):
         parser.error("--socket and --worker-pool go together: the service mode runs pooled workers")
+    if args.command == "kernel-provider":
+        check_box_arguments(parser, args)
     return args
+
+
+BOX_BOUNDS = {"box_memory_mib": (16, 1 << 20), "box_tasks": (8, 1 << 16), "box_cpu_weight": (1, 10000),
+              "box_tmpfs_mib": (1, 1 << 16)}  # fmt: skip
+
+
+def check_box_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.box and args.socket is None:
+        parser.error("--box needs the service mode (--socket): only root can make a kernel's box")
+    for name, (low, high) in BOX_BOUNDS.items():
+        value = getattr(args, name)
+        if not low <= value <= high:
+            parser.error(f"--{name.replace('_', '-')} must be {low}-{high}, got {value}")
 
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
@@ -195,11 +219,20 @@ async def run_permalink(args: argparse.Namespace) -> None:
     await asyncio.Event().wait()
 
 
+def box_limits(args: argparse.Namespace) -> BoxLimits | None:
+    if not args.box:
+        return None
+    from cellserver.kernel_box import BoxLimits
+
+    return BoxLimits(memory_bytes=args.box_memory_mib << 20, tasks=args.box_tasks, cpu_weight=args.box_cpu_weight,
+                     tmpfs_bytes=args.box_tmpfs_mib << 20)  # fmt: skip
+
+
 def run_kernel_provider(args: argparse.Namespace) -> None:
     import logging
 
     from cellserver import kernel_provider
-    from cellserver.worker_identity import WorkerPoolError, load_worker_pool
+    from cellserver.kernel_box import WorkerPoolError, load_worker_pool
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.parent_pid is not None:
@@ -221,7 +254,7 @@ def run_kernel_provider(args: argparse.Namespace) -> None:
     settings = kernel_provider.ProviderSettings(
         runtime_dir=args.runtime_dir, pool=pool, server_gid=kernel_provider.group_id(args.server_group),
         reset_command=(args.reset_command,), max_processes=args.max_processes,
-        kernel_arguments=tuple(kernel_provider.kernel_arguments(args.kernel)),
+        kernel_arguments=tuple(kernel_provider.kernel_arguments(args.kernel)), box=box_limits(args),
     )  # fmt: skip
     kernel_provider.serve_pool(settings, args.socket)
 

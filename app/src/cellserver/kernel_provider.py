@@ -4,7 +4,7 @@ Two ways to run it:
 - spawned by `cellserver serve` (a laptop, the tests): it talks over its stdin/stdout and kernels run as
   the current user;
 - as root, its own systemd service (`cellserver kernel-provider --socket ... --worker-pool ...`): each
-  kernel becomes an unused pooled worker (worker_identity.become_worker) before it runs anything, and
+  kernel becomes an unused pooled worker (kernel_box.become_worker) before it runs anything, and
   after its release the worker is reset (killed, cleaned) before it serves again.
 
 Protocol, one JSON object per line, each request carrying an "id" its answer repeats:
@@ -55,6 +55,17 @@ os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 from ipykernel.kernelapp import IPKernelApp
 
 from cellserver import sagecell_hooks, systemd
+from cellserver.kernel_box import (
+    BoxLimits,
+    KernelCgroups,
+    Worker,
+    WorkerPool,
+    become_worker,
+    enter_box,
+    mount_home,
+    shared_network_namespace,
+    unmount_home,
+)
 from cellserver.kernel_files import (
     RETAIN_KEY,
     RETAIN_TOTAL_BYTES,
@@ -66,7 +77,6 @@ from cellserver.kernel_files import (
     remove_expired,
     retain_files,
 )
-from cellserver.worker_identity import Worker, WorkerPool, become_worker
 
 # Modules a kernel would otherwise import while it initialises, after the fork, every time (measured:
 # the debugger alone took 80 of the 120 ms a forked kernel spent starting).
@@ -82,6 +92,9 @@ log = logging.getLogger("cellserver.kernel_provider")
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RETAIN_SWEEP_SECONDS = 30.0  # how often expired retained files are looked for
+BOX_POLL_SECONDS = 0.01  # how often a killed box is checked for its last process
+BOX_DEATH_SECONDS = 5.0  # a box still populated this long after cgroup.kill goes to the full reset
+PARALLEL_RESETS = 1  # full resets at once: each is a filesystem walk that a starved cell pays for in seconds
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 KERNEL_ARGUMENTS = [
@@ -120,6 +133,15 @@ class ProviderSettings:
     reset_command: tuple[str, ...] = ("/usr/local/sbin/cellfleet-worker-reset",)
     max_processes: int = 0  # RLIMIT_NPROC for pooled kernels (per uid, so per worker): 0 leaves it alone
     open_files: int = 1024
+    box: BoxLimits | None = None  # a cgroup and namespaces per pooled kernel; None: the full reset after each
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where a pooled kernel's box lives, made before its fork."""
+
+    cgroup: Path
+    network_namespace: int
 
 
 @dataclass
@@ -129,7 +151,9 @@ class KernelRecord:
     directory: Path
     client: Client
     worker: Worker | None
+    box: Box | None = None
     release_id: Any = None  # the request to answer once the worker is clean
+    killed_at: float = 0.0
 
 
 @dataclass
@@ -185,11 +209,22 @@ def connection_info(directory: Path) -> dict[str, Any]:
 
 
 def run_kernel(
-    settings: ProviderSettings, provider: int, worker: Worker | None, info: dict[str, Any], limits: dict[str, int]
+    settings: ProviderSettings,
+    provider: int,
+    worker: Worker | None,
+    info: dict[str, Any],
+    limits: dict[str, int],
+    box: Box | None,
 ) -> None:
-    """In the forked child: shed the provider's files, become the worker, serve the kernel until killed."""
+    """In the forked child: enter the box, shed the provider's files, become the worker, serve until killed."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
+    if box is not None and settings.pool is not None and settings.box is not None:
+        try:
+            enter_box(box.cgroup, box.network_namespace, settings.pool, settings.box)
+        except BaseException:
+            os.write(2, f"kernel provider: a kernel's box failed:\n{traceback.format_exc()}".encode())
+            raise
     # The provider's stderr (the journal) hears why a kernel could not start; it is closed before any user code.
     report = os.dup(2)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -233,12 +268,18 @@ def prepare_kernel(
 
 
 class Provider:
-    def __init__(self, settings: ProviderSettings) -> None:
+    def __init__(
+        self, settings: ProviderSettings, cgroups: KernelCgroups | None = None, network_namespace: int = -1
+    ) -> None:
         self.settings = settings
+        self.cgroups = cgroups if settings.box is not None else None
+        self.network_namespace = network_namespace
         self.kernels: dict[str, KernelRecord] = {}
         self.free_workers: list[Worker] = list(settings.pool.workers) if settings.pool else []
-        # reset process pid -> (the kernel whose worker it cleans, the process)
-        self.resets: dict[int, tuple[KernelRecord, subprocess.Popen[bytes]]] = {}
+        # reset process pid -> (the worker it cleans, the kernel it held if any, the process)
+        self.resets: dict[int, tuple[Worker, KernelRecord | None, subprocess.Popen[bytes]]] = {}
+        self.reset_queue: list[tuple[Worker, KernelRecord | None]] = []
+        self.dying: dict[str, KernelRecord] = {}  # killed boxes waiting for their last process
         self.selector = selectors.DefaultSelector()
         self.wakeup_reader, wakeup_writer = os.pipe()
         os.set_blocking(self.wakeup_reader, False)
@@ -346,7 +387,10 @@ class Provider:
             worker = self.free_workers.pop(0)
         kernel_id = uuid.uuid4().hex
         directory = self.settings.runtime_dir / kernel_id
+        box = None
         try:
+            if worker is not None:
+                box = self.make_box(kernel_id, worker)
             directory.mkdir(mode=0o700)
             if worker is not None:
                 # Owned by the worker, readable by the server's group; setgid, so the sockets the kernel
@@ -357,23 +401,48 @@ class Provider:
                 (directory / WORK_DIRECTORY).mkdir(mode=0o700)
             info = connection_info(directory)
             limits = {"cpu_seconds": cpu_seconds, "memory_bytes": memory_bytes}
-            pid = self.fork_kernel(worker, info, limits)
+            pid = self.fork_kernel(worker, info, limits, box)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             if worker is not None:
+                self.throw_box_away(worker, box)
                 self.free_workers.append(worker)
             raise
-        self.kernels[kernel_id] = KernelRecord(kernel_id, pid, directory, client, worker)
+        self.kernels[kernel_id] = KernelRecord(kernel_id, pid, directory, client, worker, box)
         client.kernels.add(kernel_id)
         return {"kernel_id": kernel_id, "pid": pid, "worker": worker.name if worker else None, "connection": info}
 
-    def fork_kernel(self, worker: Worker | None, info: dict[str, Any], limits: dict[str, int]) -> int:
+    def make_box(self, kernel_id: str, worker: Worker) -> Box | None:
+        if self.cgroups is None or self.settings.box is None or self.settings.pool is None:
+            return None
+        cgroup = self.cgroups.create(kernel_id, self.settings.box)
+        try:
+            mount_home(worker, self.settings.pool, self.settings.box)
+        except OSError:
+            self.cgroups.remove(cgroup)
+            raise
+        return Box(cgroup, self.network_namespace)
+
+    def throw_box_away(self, worker: Worker, box: Box | None) -> bool:
+        """Remove an emptied box: its cgroup and the worker's tmpfs home; False while a process remains."""
+        if box is None or self.cgroups is None:
+            return True
+        if not (self.cgroups.is_empty(box.cgroup) and self.cgroups.remove(box.cgroup)):
+            return False
+        try:
+            unmount_home(worker)
+        except OSError as error:
+            log.error("%s: its home could not be detached: %s", worker.name, error)
+            return False
+        return True
+
+    def fork_kernel(self, worker: Worker | None, info: dict[str, Any], limits: dict[str, int], box: Box | None) -> int:
         provider = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
                 os.setsid()
-                run_kernel(self.settings, provider, worker, info, limits)
+                run_kernel(self.settings, provider, worker, info, limits, box)
             finally:
                 os._exit(70)
         return pid
@@ -384,6 +453,8 @@ class Provider:
         if record is None or record.release_id is not None:
             return False
         record.client.kernels.discard(kernel_id)
+        if record.box is not None and self.cgroups is not None:
+            self.cgroups.kill(record.box.cgroup)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(record.pid, signal.SIGKILL)
         if isinstance(retain_as, str) and RETAIN_KEY.fullmatch(retain_as):
@@ -391,11 +462,16 @@ class Provider:
         if record.worker is None:
             self.forget(record)
             return False
-        # A worker kernel may have left processes outside its group and files anywhere it can write:
-        # the pool's reset tool finds them by uid. The worker serves again only after it succeeded.
         record.release_id = answer_to or (None, None)
-        reset = start_reset(self.settings, record.worker)
-        self.resets[reset.pid] = (record, reset)
+        record.killed_at = time.monotonic()
+        if record.box is not None:
+            # Everything the kernel could touch is in its box: it is clean once the box is empty.
+            self.dying[kernel_id] = record
+            self.collect_boxes()
+        else:
+            # Without a box a kernel may have left processes outside its group and files anywhere it can
+            # write: the pool's reset tool finds them by uid. The worker serves again only after it succeeded.
+            self.queue_reset(record.worker, record)
         return answer_to is not None
 
     @property
@@ -433,6 +509,30 @@ class Provider:
         self.kernels.pop(record.kernel_id, None)
         shutil.rmtree(record.directory, ignore_errors=True)
 
+    def collect_boxes(self) -> None:
+        """Free the workers whose killed box has emptied; a box that will not empty gets the full reset."""
+        for kernel_id, record in list(self.dying.items()):
+            assert record.worker is not None
+            if self.throw_box_away(record.worker, record.box):
+                del self.dying[kernel_id]
+                reusable_ms = (time.monotonic() - record.killed_at) * 1000
+                log.info("%s reusable %.1f ms after its kernel's release", record.worker.name, reusable_ms)
+                self.finish_release(record, record.worker, clean=True)
+            elif time.monotonic() - record.killed_at > BOX_DEATH_SECONDS:
+                del self.dying[kernel_id]
+                log.error("kernel %s: its box still holds processes after cgroup.kill", kernel_id)
+                self.queue_reset(record.worker, record)
+
+    def queue_reset(self, worker: Worker, record: KernelRecord | None) -> None:
+        self.reset_queue.append((worker, record))
+        self.start_queued_resets()
+
+    def start_queued_resets(self) -> None:
+        while self.reset_queue and len(self.resets) < PARALLEL_RESETS:
+            worker, record = self.reset_queue.pop(0)
+            reset = start_reset(self.settings, worker)
+            self.resets[reset.pid] = (worker, record, reset)
+
     def reap(self) -> None:
         """Collect exited kernels (no zombies) and finish the releases whose reset is done."""
         while True:
@@ -445,23 +545,35 @@ class Provider:
             resetting = self.resets.pop(pid, None)
             if resetting is not None:
                 self.finish_reset(*resetting, os.waitstatus_to_exitcode(status))
+                self.start_queued_resets()
                 continue
             kernel = next((k for k in self.kernels.values() if k.pid == pid and k.release_id is None), None)
             if kernel is not None:
                 # Died before its release (out of memory, CPU limit, a crash): the server stops waiting.
                 kernel.client.send({"died": kernel.kernel_id, "status": os.waitstatus_to_exitcode(status)})
 
-    def finish_reset(self, record: KernelRecord, reset: subprocess.Popen[bytes], code: int) -> None:
-        assert record.worker is not None
-        self.forget(record)
-        if code == 0:
-            self.free_workers.append(record.worker)
-        else:
-            # An unclean worker must not run the next stranger's code: it stays out until a restart.
+    def finish_reset(
+        self, worker: Worker, record: KernelRecord | None, reset: subprocess.Popen[bytes], code: int
+    ) -> None:
+        if code != 0:
             message = reset.stderr.read().decode(errors="replace").strip() if reset.stderr else ""
-            log.error("resetting %s failed (exit %s): %s; it is out of the pool", record.worker.name, code, message)
+            log.error("resetting %s failed (exit %s): %s; it is out of the pool", worker.name, code, message)
         if reset.stderr:
             reset.stderr.close()
+        clean = code == 0 and (record is None or self.throw_box_away(worker, record.box))
+        if record is None:
+            if clean:
+                self.free_workers.append(worker)
+            return
+        self.finish_release(record, worker, clean)
+
+    def finish_release(self, record: KernelRecord, worker: Worker, clean: bool) -> None:
+        self.forget(record)
+        if clean:
+            self.free_workers.append(worker)
+        else:
+            # An unclean worker must not run the next stranger's code: it stays out until a restart.
+            log.error("%s stays out of the pool: its kernel's remains could not be removed", worker.name)
         client, request_id = record.release_id
         if client is not None:
             client.send({"id": request_id, "released": record.kernel_id})
@@ -478,7 +590,10 @@ class Provider:
             if time.monotonic() - swept > RETAIN_SWEEP_SECONDS:
                 self.remove_expired_files()
                 swept = time.monotonic()
-            for key, _events in self.selector.select(timeout=RETAIN_SWEEP_SECONDS):
+            if self.dying:
+                self.collect_boxes()
+            timeout = BOX_POLL_SECONDS if self.dying else RETAIN_SWEEP_SECONDS
+            for key, _events in self.selector.select(timeout=timeout):
                 if key.data == "wakeup":
                     while True:
                         try:
@@ -519,18 +634,31 @@ def start_reset(settings: ProviderSettings, worker: Worker) -> subprocess.Popen[
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
 
-def reset_every_worker(settings: ProviderSettings) -> list[Worker]:
-    """At start, workers may hold what a killed provider left: reset them all, keep those that came clean."""
-    assert settings.pool is not None
-    resets = {worker: start_reset(settings, worker) for worker in settings.pool.workers}
-    clean = []
-    for worker, reset in resets.items():
+def reset_first_clean_worker(settings: ProviderSettings, workers: list[Worker]) -> list[Worker]:
+    """Reset workers one by one until one comes clean; the others wait for the background resets.
+
+    At start, workers may hold what a killed provider or a launched command left. Resetting them all at
+    once starves a small cell for as long as it takes; one clean worker is enough to serve.
+    """
+    while workers:
+        worker = workers.pop(0)
+        reset = start_reset(settings, worker)
         _out, error = reset.communicate()
         if reset.returncode == 0:
-            clean.append(worker)
-        else:
-            log.error("resetting %s failed: %s; it is out of the pool", worker.name, error.decode().strip())
-    return clean
+            return [worker]
+        log.error("resetting %s failed: %s; it is out of the pool", worker.name, error.decode().strip())
+    return []
+
+
+def make_box_places(settings: ProviderSettings) -> tuple[KernelCgroups | None, int]:
+    """The provider's cgroup subtree and the kernels' network namespace; none when the host cannot box."""
+    if settings.box is None:
+        return None, -1
+    try:
+        cgroups = KernelCgroups.take_over()
+        return cgroups, shared_network_namespace()
+    except OSError as error:
+        raise SystemExit(f"kernel provider: kernels cannot be boxed here: {error}") from None
 
 
 def listen(path: Path, gid: int) -> socket.socket:
@@ -552,12 +680,17 @@ def serve_pool(settings: ProviderSettings, socket_path: Path) -> None:
     settings.runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     for stale in settings.runtime_dir.iterdir():
         shutil.rmtree(stale, ignore_errors=True)
-    provider = Provider(settings)
-    provider.free_workers = reset_every_worker(settings)
+    cgroups, network_namespace = make_box_places(settings)
+    provider = Provider(settings, cgroups, network_namespace)
+    waiting = list(settings.pool.workers) if settings.pool else []
+    provider.free_workers = reset_first_clean_worker(settings, waiting)
     if not provider.free_workers:
         raise SystemExit("kernel provider: no worker could be reset; refusing to run kernels")
+    for worker in waiting:
+        provider.queue_reset(worker, None)
     listener = listen(socket_path, settings.server_gid)
-    log.info("serving %d workers on %s", len(provider.free_workers), socket_path)
+    log.info("serving on %s: %d workers clean, %d more after their reset, kernels %s", socket_path,
+             len(provider.free_workers), len(waiting), "boxed" if cgroups else "not boxed")  # fmt: skip
     systemd.notify("READY=1")  # the cell server's unit starts after this: the socket exists by then
     provider.run_forever(listener)
 

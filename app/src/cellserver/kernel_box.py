@@ -1,0 +1,301 @@
+"""The privileged steps, all of them: the box a pooled kernel runs in, and the drop to its worker.
+
+Runs in the root kernel provider. Before the fork the provider makes the kernel's cgroup (its own memory,
+task and CPU limits, under the provider's delegated subtree) and mounts a fresh home for its worker. In the
+forked child, before any user code: the child joins that cgroup, takes a mount and IPC namespace of its own
+with private tmpfs /tmp, /var/tmp and /dev/shm, and enters the one shared network namespace that holds only
+loopback; then it becomes the worker. Order matters there: groups and ids first (root is needed for them),
+then the SELinux domain (a process that is no longer root cannot change uid, and one in the confined domain
+could not either), then no_new_privs, so no setuid program can give any of it back.
+
+The box is thrown away whole after the release: cgroup.kill ends every process in it, the namespaces go
+with their last process, and the home's tmpfs is detached; nothing is searched for and deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+PR_SET_NO_NEW_PRIVS = 38  # linux/prctl.h
+SELINUX_CURRENT = Path("/proc/self/attr/current")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# linux/sched.h, linux/mount.h, linux/sockios.h, linux/if.h
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
+MNT_DETACH = 0x2
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+KERNEL_CGROUP_PREFIX = "kernel-"
+PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class WorkerPoolError(Exception):
+    """The worker pool description cannot be used; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+
+@dataclass(frozen=True)
+class WorkerPool:
+    workers: tuple[Worker, ...]
+    selinux_context: str
+    environment: dict[str, str]
+    skeleton_dir: Path | None = None
+    skeleton_entries: tuple[str, ...] = ()
+    file_context: str = ""  # SELinux label of the box's tmpfs mounts: the type the workers own in /tmp
+
+
+@dataclass(frozen=True)
+class BoxLimits:
+    """What one kernel's box may use; 0 leaves a limit to the provider's own cgroup."""
+
+    memory_bytes: int = 0
+    tasks: int = 0
+    cpu_weight: int = 0
+    tmpfs_bytes: int = 64 << 20  # each of /tmp, /var/tmp, /dev/shm and the home
+
+
+def load_worker_pool(path: Path) -> WorkerPool:
+    """Read the pool the worker_pool role wrote (/etc/cellfleet/worker-pool.json)."""
+    try:
+        document = json.loads(path.read_text())
+        gid = int(document["gid"])
+        workers = tuple(
+            Worker(name=name, uid=int(entry["uid"]), gid=gid, home=Path(entry["home"]))
+            for name, entry in sorted(document["workers"].items())
+        )
+        environment = {str(key): str(value) for key, value in document.get("environment", {}).items()}
+        context = str(document.get("selinux_context", ""))
+        skeleton = Path(document["skeleton_dir"]) if document.get("skeleton_dir") else None
+        entries = tuple(str(name) for name in document.get("immutable", ()))
+        file_context = str(document.get("file_context", ""))
+    except OSError as error:
+        raise WorkerPoolError(f"{path}: cannot read it ({error.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise WorkerPoolError(f"{path}: not a worker pool description ({error!r})") from None
+    if not workers:
+        raise WorkerPoolError(f"{path}: the pool has no workers")
+    if any(worker.uid == 0 or worker.gid == 0 for worker in workers):
+        raise WorkerPoolError(f"{path}: a worker with uid or gid 0 is not a worker")
+    if any("/" in name or name in ("", ".", "..") for name in entries):
+        raise WorkerPoolError(f"{path}: a skeleton entry must be a plain name in the home")
+    return WorkerPool(workers=workers, selinux_context=context, environment=environment, skeleton_dir=skeleton,
+                      skeleton_entries=entries, file_context=file_context)  # fmt: skip
+
+
+def selinux_enabled() -> bool:
+    return Path("/sys/fs/selinux/enforce").exists()
+
+
+def become_worker(worker: Worker, pool: WorkerPool) -> None:
+    """Drop every privilege this process has and take on the worker's identity; raises on any failure."""
+    os.setgroups([])
+    os.setresgid(worker.gid, worker.gid, worker.gid)
+    os.setresuid(worker.uid, worker.uid, worker.uid)
+    if os.getresuid() != (worker.uid,) * 3 or os.getresgid() != (worker.gid,) * 3 or os.getgroups():
+        raise PermissionError(f"could not become {worker.name}")
+    if pool.selinux_context and selinux_enabled():
+        # A dynamic transition: the forked interpreter keeps its warm imports (an exec would lose them).
+        SELINUX_CURRENT.write_text(pool.selinux_context)
+        if SELINUX_CURRENT.read_text().rstrip("\0\n") != pool.selinux_context:
+            raise PermissionError(f"still not in {pool.selinux_context}")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    os.chdir(worker.home)
+    os.environ.clear()
+    os.environ.update(pool.environment)
+    os.environ.update({"HOME": str(worker.home), "USER": worker.name, "LOGNAME": worker.name})
+
+
+# --- the box ----------------------------------------------------------------------------------------
+
+
+def check(result: int, what: str) -> None:
+    if result != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"{what}: {os.strerror(error)}")
+
+
+def mount_tmpfs(target: str, size: int, mode: int, owner: tuple[int, int], label: str) -> None:
+    options = f"size={size},mode={mode:o},uid={owner[0]},gid={owner[1]}"
+    if label and selinux_enabled():
+        options += f',context="{label}"'
+    check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()),
+          f"mount tmpfs on {target}")  # fmt: skip
+
+
+def own_cgroup() -> Path:
+    """This process's cgroup (v2 unified hierarchy only)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return CGROUP_ROOT / line[3:].lstrip("/")
+    raise OSError("no cgroup v2 hierarchy: kernels cannot have a cgroup of their own")
+
+
+class KernelCgroups:
+    """The provider's delegated cgroup: the provider itself in a leaf, one sibling cgroup per kernel."""
+
+    def __init__(self, top: Path) -> None:
+        self.top = top
+
+    @classmethod
+    def take_over(cls) -> KernelCgroups:
+        """Move this process into a leaf of its unit's cgroup and hand the controllers down to kernels.
+
+        cgroup v2 lets only leaves hold processes once controllers are enabled for children; a provider
+        restarted under the same unit finds its own leaf already made.
+        """
+        current = own_cgroup()
+        top = current.parent if current.name == "provider" else current
+        (top / "provider").mkdir(exist_ok=True)
+        (top / "provider" / "cgroup.procs").write_text(str(os.getpid()))
+        available = set((top / "cgroup.controllers").read_text().split())
+        missing = {"memory", "pids", "cpu"} - available
+        if missing:
+            raise OSError(f"{top}: controllers {sorted(missing)} are not delegated (Delegate=yes in the unit)")
+        (top / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+        cgroups = cls(top)
+        for stale in top.glob(f"{KERNEL_CGROUP_PREFIX}*"):
+            cgroups.kill(stale)
+        return cgroups
+
+    def create(self, kernel_id: str, limits: BoxLimits) -> Path:
+        path = self.top / f"{KERNEL_CGROUP_PREFIX}{kernel_id}"
+        path.mkdir()
+        settings = {"memory.max": limits.memory_bytes, "memory.swap.max": 0 if limits.memory_bytes else None,
+                    "pids.max": limits.tasks, "cpu.weight": limits.cpu_weight}  # fmt: skip
+        try:
+            for name, value in settings.items():
+                if value is not None and (value or name == "memory.swap.max"):
+                    (path / name).write_text(str(value))
+        except OSError:
+            path.rmdir()
+            raise
+        return path
+
+    @staticmethod
+    def kill(path: Path) -> None:
+        """Every process in the kernel's cgroup, at once: a fork bomb cannot outrun it."""
+        with contextlib.suppress(FileNotFoundError):
+            (path / "cgroup.kill").write_text("1")
+
+    @staticmethod
+    def is_empty(path: Path) -> bool:
+        try:
+            return "populated 0" in (path / "cgroup.events").read_text()
+        except FileNotFoundError:
+            return True
+
+    @staticmethod
+    def remove(path: Path) -> bool:
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+
+
+def set_loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack("16sh14x", b"lo", 0)
+        flags = struct.unpack("16sh14x", fcntl.ioctl(probe, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
+
+
+def shared_network_namespace() -> int:
+    """A descriptor of a new network namespace holding only loopback (up), for every kernel to enter.
+
+    One namespace for all kernels: creating one per kernel costs tens of milliseconds under a global lock.
+    """
+    ready_reader, ready_writer = os.pipe()
+    hold_reader, hold_writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_reader)
+            os.close(hold_writer)
+            check(libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            set_loopback_up()
+            os.write(ready_writer, b"1")
+            os.read(hold_reader, 1)  # until the provider has its descriptor
+            code = 0
+        except OSError as error:
+            os.write(ready_writer, f"0{error}".encode())
+        finally:
+            os._exit(code)
+    os.close(ready_writer)
+    os.close(hold_reader)
+    try:
+        answer = os.read(ready_reader, 4096)
+        if answer != b"1":
+            raise OSError(f"the network namespace for kernels could not be made: {answer[1:].decode()}")
+        return os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_reader)
+        os.close(hold_writer)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def copy_skeleton(pool: WorkerPool, home: Path) -> None:
+    """The immutable dotfiles and directories, owned by root, into a fresh home."""
+    if pool.skeleton_dir is None:
+        return
+    for name in pool.skeleton_entries:
+        source = pool.skeleton_dir / name
+        if source.is_dir():
+            shutil.copytree(source, home / name, symlinks=False)
+        elif source.is_file():
+            shutil.copy2(source, home / name)
+
+
+def mount_home(worker: Worker, pool: WorkerPool, limits: BoxLimits) -> None:
+    """A fresh tmpfs home for the worker, in the provider's mount namespace (the provider serves its files)."""
+    mount_tmpfs(str(worker.home), limits.tmpfs_bytes, 0o700, (worker.uid, worker.gid), pool.file_context)
+    try:
+        copy_skeleton(pool, worker.home)
+    except OSError:
+        unmount_home(worker)
+        raise
+
+
+def unmount_home(worker: Worker) -> None:
+    """Detach the worker's tmpfs home: its files go once the kernel's namespace has gone too."""
+    while os.path.ismount(worker.home):
+        check(libc.umount2(str(worker.home).encode(), MNT_DETACH), f"umount {worker.home}")
+
+
+def enter_box(cgroup: Path, network_namespace: int, pool: WorkerPool, limits: BoxLimits) -> None:
+    """In the forked child, still root: join the kernel's cgroup, get private namespaces and tmpfs mounts."""
+    (cgroup / "cgroup.procs").write_text("0")
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
+    # Mounts made from here on stay in this kernel's namespace.
+    check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    for target in PRIVATE_TMPFS:
+        if os.path.isdir(target):
+            mount_tmpfs(target, limits.tmpfs_bytes, 0o1777, (0, 0), pool.file_context)
+    check(libc.setns(network_namespace, CLONE_NEWNET), "setns(network namespace)")
+    os.close(network_namespace)

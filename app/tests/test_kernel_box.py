@@ -1,0 +1,132 @@
+"""The pieces of a kernel's box that this machine can run as root: the shared loopback-only network namespace,
+the private tmpfs mounts, a fresh home from the skeleton, the cgroup limits written. Each runs in a forked
+child in a mount namespace of its own, so nothing touches this machine's mounts.
+
+The whole box (a real delegated cgroup v2 subtree, cgroup.kill, SELinux) is proven on the lab's cells by
+tests/infra/test_kernel_box.py: this machine's cgroups are v1 and its PID 1 is not systemd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellserver import kernel_box
+from cellserver.kernel_box import BoxLimits, KernelCgroups, Worker, WorkerPool
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a kernel's box is made by root")
+
+
+def in_child(action: Callable[[], Any]) -> Any:
+    """action's JSON-able result, run in a forked child that first takes a private mount namespace."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(reader)
+        try:
+            kernel_box.check(kernel_box.libc.unshare(kernel_box.CLONE_NEWNS), "unshare")
+            kernel_box.check(kernel_box.libc.mount(b"none", b"/", None, kernel_box.MS_REC | kernel_box.MS_PRIVATE,
+                                                   None), "private")  # fmt: skip
+            result = {"result": action()}
+        except BaseException:
+            result = {"error": traceback.format_exc()}
+        os.write(writer, json.dumps(result).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as stream:
+        answer = json.loads(stream.read() or '{"error": "the child said nothing"}')
+    os.waitpid(pid, 0)
+    assert "error" not in answer, answer["error"]
+    return answer["result"]
+
+
+def test_the_kernels_network_namespace_holds_only_a_working_loopback() -> None:
+    namespace = kernel_box.shared_network_namespace()
+
+    def look() -> dict[str, Any]:
+        kernel_box.check(kernel_box.libc.setns(namespace, kernel_box.CLONE_NEWNET), "setns")
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname(), timeout=2):
+                pass
+        return {"interfaces": [name for _index, name in socket.if_nameindex()]}
+
+    try:
+        seen = in_child(look)
+    finally:
+        os.close(namespace)
+    assert seen == {"interfaces": ["lo"]}
+    assert len(socket.if_nameindex()) >= 1  # this process stayed where it was
+
+
+def test_the_box_gives_private_tmpfs_places_that_go_with_it(tmp_path: Path) -> None:
+    namespace = kernel_box.shared_network_namespace()
+    cgroup = tmp_path / "kernel-x"
+    cgroup.mkdir()
+    (cgroup / "cgroup.procs").write_text("")
+    pool = WorkerPool(workers=(), selinux_context="", environment={})
+    marker = f"box-test-{os.getpid()}"
+
+    def inside() -> dict[str, Any]:
+        kernel_box.enter_box(cgroup, namespace, pool, BoxLimits(tmpfs_bytes=1 << 20))
+        found = {}
+        for place in kernel_box.PRIVATE_TMPFS:
+            Path(place, marker).write_text("x")
+            found[place] = (sorted(os.listdir(place)), os.statvfs(place).f_blocks * os.statvfs(place).f_frsize)
+        return found
+
+    try:
+        seen = in_child(inside)
+    finally:
+        os.close(namespace)
+    for place in kernel_box.PRIVATE_TMPFS:
+        entries, size = seen[place]
+        assert entries == [marker], f"{place} was not empty and private: {entries}"
+        assert size == 1 << 20
+        assert not Path(place, marker).exists(), f"{place}/{marker} reached this machine"
+    assert (cgroup / "cgroup.procs").read_text() == "0"
+
+
+def test_a_fresh_home_holds_the_skeleton_owned_by_root(tmp_path: Path) -> None:
+    skeleton = tmp_path / "skel"
+    (skeleton / ".ipython").mkdir(parents=True)
+    (skeleton / ".profile").write_text("umask 077\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "on-disk").write_text("the disk's")
+    worker = Worker(name="cellw01", uid=20001, gid=20000, home=home)
+    pool = WorkerPool(workers=(worker,), selinux_context="", environment={}, skeleton_dir=skeleton,
+                      skeleton_entries=(".profile", ".ipython"))  # fmt: skip
+
+    def mounted() -> dict[str, Any]:
+        kernel_box.mount_home(worker, pool, BoxLimits(tmpfs_bytes=1 << 20))
+        info = home.stat()
+        listing = {entry.name: (entry.stat().st_uid, entry.is_dir()) for entry in home.iterdir()}
+        (home / "written").write_text("by the kernel")
+        kernel_box.unmount_home(worker)
+        return {"owner": [info.st_uid, info.st_gid, oct(info.st_mode & 0o7777)], "listing": listing,
+                "after": sorted(os.listdir(home))}  # fmt: skip
+
+    seen = in_child(mounted)
+    assert seen["owner"] == [20001, 20000, "0o700"]
+    assert seen["listing"] == {".profile": [0, False], ".ipython": [0, True]}
+    assert seen["after"] == ["on-disk"], "the kernel's home must not reach the disk"
+
+
+def test_a_kernel_cgroup_gets_its_limits_and_goes_once_empty(tmp_path: Path) -> None:
+    cgroups = KernelCgroups(tmp_path)
+    path = cgroups.create("k1", BoxLimits(memory_bytes=256 << 20, tasks=64, cpu_weight=50))
+    written = {name: (path / name).read_text() for name in ("memory.max", "memory.swap.max", "pids.max", "cpu.weight")}
+    assert written == {"memory.max": str(256 << 20), "memory.swap.max": "0", "pids.max": "64", "cpu.weight": "50"}
+    (path / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    assert not cgroups.is_empty(path)
+    (path / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+    assert cgroups.is_empty(path)
