@@ -70,12 +70,6 @@ def test_a_rolling_update_under_load_fails_no_request(tmp_path: Path, baseline: 
         assert rollback.returncode == 0, rollback.stdout[-3000:]
 
 
-@pytest.mark.xfail(
-    reason="on the lab, the cell left serving starves while the other updates (issue 21): /service got 503s, and "
-    "nginx's 90 s read timeout closed idle sessions before their drain (the server now pings every 30 s; not yet "
-    "run on the lab again)",
-    strict=False,
-)
 def test_a_rolling_update_ends_open_sessions_with_a_reason_and_fails_no_request(tmp_path: Path, baseline: str) -> None:
     # Pages holding kernels (linked cells, interacts) on both cells while /service traffic goes on: each cell's
     # sessions get the drain's time, then end with the reason the page shows; none is left hanging.
