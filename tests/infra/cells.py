@@ -62,7 +62,7 @@ HEALTH_CHECK_UNITS = ("cellfleet-cell-health.timer", "cellfleet-cell-health.serv
 
 def stop_health_checks(host: Host) -> None:
     """Stop the health timer and a check it already started. A running check outlives its timer, and after its
-    failed tries it restarts the server, whose kernel provider resets every worker when it starts."""
+    failed tries it restarts the server, whose kernel provider resets the workers when it starts."""
     host.run_test(f"systemctl stop {' '.join(HEALTH_CHECK_UNITS)}")
 
 

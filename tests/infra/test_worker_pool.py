@@ -52,7 +52,7 @@ def pool(nodes: dict[str, Node]) -> Iterator[Pool]:
     # The attacks below use up to seven workers at once, each its own.
     assert len(workers) >= 7, f"this suite needs a pool of at least 7 workers, the cell has {len(workers)}"
     # The cell server's kernels hold workers too: this suite attacks and resets the pool on its own.
-    # A health check would restart them, and the provider resets every worker when it starts.
+    # A health check would restart them, and the provider resets the workers when it starts.
     stop_health_checks(node.host)
     node.host.run_test(f"systemctl stop {' '.join(POOL_USERS)}")
     yield Pool(
