@@ -31,9 +31,7 @@ def in_child(action: Callable[[], Any]) -> Any:
     if pid == 0:
         os.close(reader)
         try:
-            kernel_box.check(kernel_box.libc.unshare(kernel_box.CLONE_NEWNS), "unshare")
-            kernel_box.check(kernel_box.libc.mount(b"none", b"/", None, kernel_box.MS_REC | kernel_box.MS_PRIVATE,
-                                                   None), "private")  # fmt: skip
+            kernel_box.private_mount_namespace()
             result = {"result": action()}
         except BaseException:
             result = {"error": traceback.format_exc()}

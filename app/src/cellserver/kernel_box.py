@@ -181,12 +181,13 @@ class KernelCgroups:
     def create(self, kernel_id: str, limits: BoxLimits) -> Path:
         path = self.top / f"{KERNEL_CGROUP_PREFIX}{kernel_id}"
         path.mkdir()
-        settings = {"memory.max": limits.memory_bytes, "memory.swap.max": 0 if limits.memory_bytes else None,
-                    "pids.max": limits.tasks, "cpu.weight": limits.cpu_weight}  # fmt: skip
+        wanted = {"memory.max": limits.memory_bytes, "pids.max": limits.tasks, "cpu.weight": limits.cpu_weight}
+        settings = {name: value for name, value in wanted.items() if value}
+        if limits.memory_bytes:
+            settings["memory.swap.max"] = 0  # a box bounded in memory must not spill into swap instead
         try:
             for name, value in settings.items():
-                if value is not None and (value or name == "memory.swap.max"):
-                    (path / name).write_text(str(value))
+                (path / name).write_text(str(value))
         except OSError:
             path.rmdir()
             raise
@@ -288,12 +289,16 @@ def unmount_home(worker: Worker) -> None:
         check(libc.umount2(str(worker.home).encode(), MNT_DETACH), f"umount {worker.home}")
 
 
+def private_mount_namespace(also: int = 0) -> None:
+    """A mount namespace of this process's own (and the namespaces in also): mounts made from here on stay in it."""
+    check(libc.unshare(CLONE_NEWNS | also), "unshare")
+    check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+
+
 def enter_box(cgroup: Path, network_namespace: int, pool: WorkerPool, limits: BoxLimits) -> None:
     """In the forked child, still root: join the kernel's cgroup, get private namespaces and tmpfs mounts."""
     (cgroup / "cgroup.procs").write_text("0")
-    check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
-    # Mounts made from here on stay in this kernel's namespace.
-    check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    private_mount_namespace(also=CLONE_NEWIPC)
     for target in PRIVATE_TMPFS:
         if os.path.isdir(target):
             mount_tmpfs(target, limits.tmpfs_bytes, 0o1777, (0, 0), pool.file_context)
