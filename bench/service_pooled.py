@@ -2,9 +2,11 @@
 """`/service` on a lab cell, every computation a fresh kernel run as a pooled, confined worker.
 
 The load runs on the cell itself (stdlib threads posting to the server's loopback port), since the
-server listens on loopback only. Under QEMU emulation (no KVM here) every number is far below what the
-same cell does on real hardware; the table also shows where the time goes: the worker reset after each
-kernel, which the kernel provider runs before the worker may serve again.
+server listens on loopback only. The same server settings (the cell's own config file) then run unpooled:
+kernels as the server's account, no box, nothing to throw away; the ratio is what confinement costs.
+Release to reusable comes from the kernel provider's log of the pooled run: from a kernel's release to
+its worker free again (its box killed and empty, its home unmounted). Under QEMU emulation (no KVM here)
+every number is far below what the same cell does on real hardware.
 Prints a table and writes bench/results/service_pooled.json. Run with `make bench-service-pooled`.
 """
 
@@ -46,10 +48,18 @@ for thread in threads: thread.join()
 print(json.dumps({"latencies": sorted(latencies), "failures": len(failures)}))
 """
 
+# The slow path: the pool's full reset, for a box that did not empty after cgroup.kill.
 RESET_TIMING = (
     "t0=$(date +%s.%N); /usr/local/sbin/cellfleet-worker-reset cellw08 >/dev/null; "
     'echo "$(date +%s.%N) $t0" | awk \'{printf "%.3f\\n", $1 - $2}\''
 )
+# Milliseconds from each kernel's release to its worker being free again, as the provider logged them.
+REUSABLE_SINCE = (
+    "journalctl -u cellfleet-kernel-provider --since @{since} -o cat | "
+    "sed -n 's/.* reusable \\([0-9.]*\\) ms after.*/\\1/p'"
+)
+TARGET_RATIO = 0.9
+TARGET_REUSABLE_MS = 200.0
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -58,9 +68,12 @@ def percentile(values: list[float], share: float) -> float:
 
 UNPOOLED_PORT = 8899
 UNPOOLED_UNIT = "cellfleet-bench-unpooled"
+SERVER_CONFIG = "/etc/cellserver/cellserver.toml"
+# systemd-run returns once the notify service said READY: the warm-up load then fills its reserve.
 UNPOOLED_START = (
     f"systemd-run --unit={UNPOOLED_UNIT} -p User=cellserver -p Type=notify "
-    f"/opt/cellserver/venv/bin/cellserver serve --port {UNPOOLED_PORT} --max-kernels 8 --preforked 2 && sleep 5"
+    f"/opt/cellserver/venv/bin/cellserver serve --config {SERVER_CONFIG} --port {UNPOOLED_PORT} "
+    "--provider-socket ''"
 )
 UNPOOLED_STOP = (
     "systemctl stop cellfleet-bench-unpooled; systemctl reset-failed cellfleet-bench-unpooled 2>/dev/null; true"
@@ -83,6 +96,36 @@ def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, floa
     return results
 
 
+def release_to_reusable(address: str, since: str) -> dict[str, float]:
+    values = sorted(float(line) for line in ssh(address, REUSABLE_SINCE.format(since=since)).split())
+    return {
+        "releases": len(values),
+        "p50_ms": percentile(values, 0.5),
+        "p90_ms": percentile(values, 0.9),
+        "max_ms": values[-1] if values else float("nan"),
+    }
+
+
+def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
+    print("pooled: each kernel runs as an unused worker (uid, SELinux user_t) in a box thrown away after it;")
+    print("unpooled: the same settings with kernels as the server's own account and no box (the laptop mode).")
+    print(f"/service print(1+1) on {address}: a fresh kernel each, {seconds:g} s per load")
+    print(f"{'mode':10} {'load':16} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7}")
+    for mode in ("pooled", "unpooled"):
+        for name, numbers in results[mode].items():
+            print(f"{mode:10} {name:16} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} "
+                  f"{numbers['p90_ms']:8.0f} {numbers['failures']:7.0f}")  # fmt: skip
+    for name, ratio in results["pooled / unpooled"].items():
+        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+        print(f"pooled / unpooled throughput, {name}: {ratio:.2f}x (target >= {TARGET_RATIO}x: {verdict})")
+    reusable = results["release to reusable"]
+    verdict = "met" if reusable["p50_ms"] <= TARGET_REUSABLE_MS else "NOT met"
+    print(f"release to reusable over the pooled run's {reusable['releases']:.0f} releases: median "
+          f"{reusable['p50_ms']:.1f} ms, p90 {reusable['p90_ms']:.1f} ms, max {reusable['max_ms']:.1f} ms "
+          f"(target median <= {TARGET_REUSABLE_MS:.0f} ms: {verdict})")  # fmt: skip
+    print(f"slow path, full reset of a worker (median of 3): {results['full worker reset']['median_s']:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="10.77.0.12", help="the cell (default: the lab's cell1)")
@@ -90,28 +133,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
     results: dict[str, Any] = {}
+    since = ssh(args.address, "date +%s").strip()
     results["pooled"] = measure(args.address, args.port, args.seconds)
-    # The same server code on the same cell with no pool (kernels as the server's account, no reset):
-    # the difference is what confinement costs.
+    results["release to reusable"] = release_to_reusable(args.address, since)
     ssh(args.address, UNPOOLED_STOP)
     ssh(args.address, UNPOOLED_START)
     try:
         results["unpooled"] = measure(args.address, UNPOOLED_PORT, args.seconds)
     finally:
         ssh(args.address, UNPOOLED_STOP)
-    # The reset is measured on a worker the server is not using at that moment only if the pool is larger
-    # than the load; here it runs beside an idle server (its reserve holds two workers).
+    results["pooled / unpooled"] = {
+        name: numbers["per_second"] / results["unpooled"][name]["per_second"]
+        for name, numbers in results["pooled"].items()
+    }
     resets = [float(ssh(args.address, RESET_TIMING)) for _ in range(3)]
-    results["worker reset"] = {"median_s": sorted(resets)[1]}
-    print("pooled: each kernel runs as an unused worker (uid, SELinux user_t) and its worker is reset after it;")
-    print("unpooled: the same server with kernels as its own account and no reset (the laptop mode).")
-    print(f"/service print(1+1) on {args.address}: a fresh kernel each, {args.seconds:g} s per load")
-    print(f"{'mode':10} {'load':16} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7}")
-    for mode in ("pooled", "unpooled"):
-        for name, numbers in results[mode].items():
-            print(f"{mode:10} {name:16} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} "
-                  f"{numbers['p90_ms']:8.0f} {numbers['failures']:7.0f}")  # fmt: skip
-    print(f"worker reset (cellfleet-worker-reset, median of 3): {results['worker reset']['median_s']:.2f} s")
+    results["full worker reset"] = {"median_s": sorted(resets)[1]}
+    print_table(args.address, args.seconds, results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -101,7 +101,7 @@ def test_a_failing_canary_stops_the_rollout_while_the_other_cell_serves(tmp_path
     url = f"https://{LOAD_BALANCER}/service"
     with SteadyLoad(url) as load:
         time.sleep(5)
-        result = roll_out(broken, version, "-e", "rolling_update_check_retries=5")
+        result = roll_out(broken, version, "-e", "cell_server_check_seconds=10")
         finished = time.monotonic()
         time.sleep(10)
     try:

@@ -23,6 +23,18 @@ def test_both_services_run_and_the_server_is_unprivileged(cell: Cell) -> None:
     assert cell.host.check_output("systemctl show -p Type --value cellserver") == "notify"
 
 
+def test_the_units_parse_without_a_complaint(cell: Cell) -> None:
+    units = " ".join(
+        f"/etc/systemd/system/{unit}"
+        for unit in ("cellfleet-kernel-provider.service", "cellserver.service", "cellfleet-cell-health.service",
+                     "cellfleet-cell-health.timer")
+    )  # fmt: skip
+    verified = cell.host.run(f"systemd-analyze verify {units}")
+    assert verified.rc == 0 and not verified.stderr.strip() and not verified.stdout.strip(), verified.stderr
+    # A line glued to the one before it by a template parses, as an argument of that line's command.
+    assert cell.host.check_output("systemctl show -P Restart cellfleet-kernel-provider") == "always"
+
+
 def test_a_computation_runs_as_a_pooled_worker_in_the_confined_domain(cell: Cell) -> None:
     code = "import os; print(os.getuid(), os.getgid(), os.getgroups(), open('/proc/self/attr/current').read())"
     uid, gid, groups, context = cell.stdout(code).split(" ", 3)
