@@ -162,7 +162,7 @@ verify-load: venv ## Load and fault tests (full pool, log host down, reloads und
 test: lint syntax unit molecule ## Everything CI runs: lint, syntax, unit tests, molecule on real VMs
 
 .PHONY: bench
-bench: image lab-host ## Every benchmark against the lab, then bench/results/report.md + PNGs; after `make up` (65-95 min); BENCH_ARGS=--skip NAME
+bench: image lab-host ## Every benchmark against the lab, then docs/measurements.md + PNGs; after `make up` (65-95 min); BENCH_ARGS=--skip NAME
 	@$(BIN)/python bench/report.py $(BENCH_ARGS)
 
 .PHONY: bench-foundation
@@ -228,6 +228,7 @@ bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+pyth
 .PHONY: chaos
 chaos: venv ## Fault scenarios on the lab (kill -9/SIGSTOP, VM loss, log host down, reloads, flood); after `make up` (30-35 min)
 	@$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
+	@$(BIN)/python bench/report.py --report-only
 
 .PHONY: clean
 clean: ## Remove the venv (the image cache in /var/cache/cellfleet stays)

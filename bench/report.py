@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
-"""`make bench`: runs every benchmark under bench/ against the lab, then writes bench/results/report.md with
-each issue's targets beside the measured values, and PNG plots beside it.
+"""`make bench`: runs every benchmark under bench/ against the lab, then writes docs/measurements.md with
+each issue's targets beside the measured values, and its PNG plots under docs/measurements/.
 
 Each benchmark writes its own JSON under bench/results/; the report reads them and says, for each, whether it
 was measured in this run or is left from an earlier one (`--skip` or a failed benchmark), with its time.
 The foundation benchmark builds its own four VMs: the lab's VMs are paused (virsh suspend) while it runs, so
 the two do not share the two emulated CPUs, and resumed afterwards. `--report-only` rewrites the report from
-the JSON already there.
+the JSON already there (`make chaos` does, with its own results).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results"
+REPORT = PROJECT_ROOT / "docs" / "measurements.md"
+FIGURES = REPORT.with_suffix("")
 LIBVIRT = "qemu:///system"
 LAB_VMS = ("lb1", "cell1", "cell2", "data1")
 CLONE_TO_SERVING_TARGET_S = 300  # issue 6: clone, boot, converge, health, under emulation
@@ -206,6 +209,17 @@ def cluster_targets(data: Any) -> list[Target]:
     ]
 
 
+def pooled_targets(data: Any) -> list[Target]:
+    ratio = dig(data, "pooled / unpooled", "concurrency 8")
+    reusable = dig(data, "release to reusable", "p50_ms")
+    return [
+        Target("lab cell: pooled /service throughput / unpooled, 8 clients", ratio, "x", ">= 0.9x",
+               at_least(ratio, 0.9), "service_pooled"),
+        Target("lab cell: worker release to reusable, median", reusable, "ms", "<= 200 ms",
+               at_most(reusable, 200), "service_pooled"),
+    ]  # fmt: skip
+
+
 def chaos_targets(data: Any) -> list[Target]:
     outcomes = {row["scenario"]: row for row in data or []}
     kill = dig(outcomes, "kill -9 cellserver.service on cell1", "numbers", "unit_running_again_s")
@@ -224,6 +238,7 @@ TARGETS: dict[str, Callable[[Any], list[Target]]] = {
     "sessions.json": session_targets,
     "sessions_lab.json": lab_session_targets,
     "cluster_ops.json": cluster_targets,
+    "service_pooled.json": pooled_targets,
     "chaos.json": chaos_targets,
 }
 
@@ -355,19 +370,21 @@ def write_report(started: float, ran: dict[str, tuple[bool, float]]) -> Path:
     stack = loaded.get("stack.json")
     if stack:
         lines += ["", "## Through HAProxy+TLS beside direct (lab)", "", *stack_table(stack)]
-        if plot_stack(stack, RESULTS / "latency_by_concurrency.png"):
-            lines += ["", "![latency by concurrency](latency_by_concurrency.png)"]
+        if plot_stack(stack, FIGURES / "latency_by_concurrency.png"):
+            lines += ["", f"![latency by concurrency]({FIGURES.name}/latency_by_concurrency.png)"]
     cluster = loaded.get("cluster_ops.json")
-    if cluster and plot_clone_steps(cluster, RESULTS / "clone_to_serving_steps.png"):
-        lines += ["", "## Clone-to-serving of a new cell", "", "![clone to serving](clone_to_serving_steps.png)"]
+    if cluster and plot_clone_steps(cluster, FIGURES / "clone_to_serving_steps.png"):
+        lines += ["", "## Clone-to-serving of a new cell", "",
+                  f"![clone to serving]({FIGURES.name}/clone_to_serving_steps.png)"]  # fmt: skip
         if (RESULTS / "rolling_update_latency.png").exists():
-            lines += ["", "## Rolling update under load", "", "![rolling update](rolling_update_latency.png)"]
+            shutil.copyfile(RESULTS / "rolling_update_latency.png", FIGURES / "rolling_update_latency.png")
+            lines += ["", "## Rolling update under load", "",
+                      f"![rolling update]({FIGURES.name}/rolling_update_latency.png)"]  # fmt: skip
     chaos_report = RESULTS / "chaos.md"
     if chaos_report.exists():
         lines += ["", chaos_report.read_text().replace("# Chaos on the lab", "## Chaos (`make chaos`)", 1)]
-    path = RESULTS / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
-    return path
+    REPORT.write_text("\n".join(lines).rstrip() + "\n")
+    return REPORT
 
 
 def main() -> None:
@@ -377,6 +394,7 @@ def main() -> None:
     parser.add_argument("--skip-cold", action="store_true", help="foundation without the cold image build")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    FIGURES.mkdir(parents=True, exist_ok=True)
     started = time.time()
     ran: dict[str, tuple[bool, float]] = {}
     if not args.report_only:
