@@ -15,6 +15,8 @@ from cellserver import __version__
 from cellserver import config as config_module
 from cellserver.config import ServerConfig
 
+DEFAULTS = ServerConfig()  # what a setting is when neither the file nor a flag gives it
+
 if TYPE_CHECKING:
     from cellserver.kernel_box import BoxLimits
     from cellserver.kernels import KernelPool, PoolSettings
@@ -26,18 +28,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the compute server (kernels as the current user)")
     serve.add_argument("--config", type=Path, help="TOML file of settings (flags given here override it)")
-    serve.add_argument("--port", type=int, help="TCP port (default 8888)")
+    serve.add_argument("--port", type=int, help=f"TCP port (default {DEFAULTS.port})")
     serve.add_argument("--bind", help="address to listen on (default loopback)")
-    serve.add_argument("--max-kernels", type=int, help="kernels alive at once (default 8)")
-    serve.add_argument("--preforked", type=int, help="ready kernels kept in reserve (default 2)")
-    serve.add_argument("--timeout", type=float, help="wall seconds per computation (default 30)")
+    serve.add_argument("--max-kernels", type=int, help=f"kernels alive at once (default {DEFAULTS.max_kernels})")
+    serve.add_argument("--preforked", type=int, help=f"ready kernels kept in reserve (default {DEFAULTS.preforked})")
+    serve.add_argument("--timeout", type=float, help=f"wall seconds per computation (default {DEFAULTS.timeout:g})")
     serve.add_argument("--permalink-url", help="the permalink service, e.g. http://127.0.0.1:8889")
     serve.add_argument("--syslog-socket", help="computation log socket, local3 (default /dev/log; no socket: no log)")
     serve.add_argument("--check", action="store_true", help="check the settings, print them, start nothing")
     serve.add_argument("--provider-socket", help="socket of the root kernel provider that runs pooled workers")
-    serve.add_argument(
-        "--kernel", choices=["python3", "sage"], help="kernel to run (default python3; sage needs passagemath)"
-    )
+    serve.add_argument("--kernel", choices=["python3", "sage"],
+                       help=f"kernel to run (default {DEFAULTS.kernel}; sage needs passagemath)")  # fmt: skip
     provider = commands.add_parser("kernel-provider", help="run the kernel provider (as root: for pooled workers)")
     provider.add_argument("--socket", type=Path, help="listen here for the cell server (root service mode)")
     provider.add_argument("--worker-pool", type=Path, help="pool description written by the worker_pool role")
@@ -251,12 +252,14 @@ def run_kernel_provider(args: argparse.Namespace) -> None:
         pool = load_worker_pool(args.worker_pool)
     except WorkerPoolError as error:
         sys.exit(f"cellserver kernel-provider: {error}")
+    box = box_limits(args)
+    places = kernel_provider.make_box_places(box)  # before the kernel's library loads: see its docstring
     settings = kernel_provider.ProviderSettings(
         runtime_dir=args.runtime_dir, pool=pool, server_gid=kernel_provider.group_id(args.server_group),
         reset_command=(args.reset_command,), max_processes=args.max_processes,
-        kernel_arguments=tuple(kernel_provider.kernel_arguments(args.kernel)), box=box_limits(args),
+        kernel_arguments=tuple(kernel_provider.kernel_arguments(args.kernel)), box=box,
     )  # fmt: skip
-    kernel_provider.serve_pool(settings, args.socket)
+    kernel_provider.serve_pool(settings, args.socket, places)
 
 
 def log_to_stderr() -> None:

@@ -44,6 +44,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ class KernelRecord:
     worker: Worker | None
     box: Box | None = None
     release_id: Any = None  # the request to answer once the worker is clean
-    killed_at: float = 0.0
+    released_at: float = 0.0  # when its release began: the clock of release-to-reusable
 
 
 @dataclass
@@ -452,6 +453,7 @@ class Provider:
         record = self.kernels.get(kernel_id)
         if record is None or record.release_id is not None:
             return False
+        record.released_at = time.monotonic()
         record.client.kernels.discard(kernel_id)
         if record.box is not None and self.cgroups is not None:
             self.cgroups.kill(record.box.cgroup)
@@ -463,7 +465,6 @@ class Provider:
             self.forget(record)
             return False
         record.release_id = answer_to or (None, None)
-        record.killed_at = time.monotonic()
         if record.box is not None:
             # Everything the kernel could touch is in its box: it is clean once the box is empty.
             self.dying[kernel_id] = record
@@ -515,10 +516,10 @@ class Provider:
             assert record.worker is not None
             if self.throw_box_away(record.worker, record.box):
                 del self.dying[kernel_id]
-                reusable_ms = (time.monotonic() - record.killed_at) * 1000
+                reusable_ms = (time.monotonic() - record.released_at) * 1000
                 log.info("%s reusable %.1f ms after its kernel's release", record.worker.name, reusable_ms)
                 self.finish_release(record, record.worker, clean=True)
-            elif time.monotonic() - record.killed_at > BOX_DEATH_SECONDS:
+            elif time.monotonic() - record.released_at > BOX_DEATH_SECONDS:
                 del self.dying[kernel_id]
                 log.error("kernel %s: its box still holds processes after cgroup.kill", kernel_id)
                 self.queue_reset(record.worker, record)
@@ -634,29 +635,43 @@ def start_reset(settings: ProviderSettings, worker: Worker) -> subprocess.Popen[
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
 
-def reset_first_clean_worker(settings: ProviderSettings, workers: list[Worker]) -> list[Worker]:
-    """Reset workers one by one until one comes clean; the others wait for the background resets.
+def reset_first_clean_worker(
+    settings: ProviderSettings, workers: Sequence[Worker]
+) -> tuple[list[Worker], list[Worker]]:
+    """Reset workers one by one until one comes clean: (that one, the workers still to reset).
 
     At start, workers may hold what a killed provider or a launched command left. Resetting them all at
-    once starves a small cell for as long as it takes; one clean worker is enough to serve.
+    once starves a small cell for as long as it takes; one clean worker is enough to serve. A worker whose
+    reset failed is in neither list.
     """
-    while workers:
-        worker = workers.pop(0)
+    for position, worker in enumerate(workers):
         reset = start_reset(settings, worker)
         _out, error = reset.communicate()
         if reset.returncode == 0:
-            return [worker]
+            return [worker], list(workers[position + 1 :])
         log.error("resetting %s failed: %s; it is out of the pool", worker.name, error.decode().strip())
-    return []
+    return [], []
 
 
-def make_box_places(settings: ProviderSettings) -> tuple[KernelCgroups | None, int]:
-    """The provider's cgroup subtree and the kernels' network namespace; none when the host cannot box."""
-    if settings.box is None:
-        return None, -1
+@dataclass(frozen=True)
+class BoxPlaces:
+    """What every box is made in: the provider's cgroup subtree and the kernels' network namespace."""
+
+    cgroups: KernelCgroups | None = None
+    network_namespace: int = -1
+
+
+def make_box_places(box: BoxLimits | None) -> BoxPlaces:
+    """The places kernels are boxed in; none without box limits.
+
+    Called before the kernel's library is imported: the namespace is made by a forked helper, and a host
+    that cannot box should say so at once, not after a minute of loading Sage.
+    """
+    if box is None:
+        return BoxPlaces()
     try:
         cgroups = KernelCgroups.take_over()
-        return cgroups, shared_network_namespace()
+        return BoxPlaces(cgroups, shared_network_namespace())
     except OSError as error:
         raise SystemExit(f"kernel provider: kernels cannot be boxed here: {error}") from None
 
@@ -675,22 +690,21 @@ def listen(path: Path, gid: int) -> socket.socket:
     return listener
 
 
-def serve_pool(settings: ProviderSettings, socket_path: Path) -> None:
+def serve_pool(settings: ProviderSettings, socket_path: Path, places: BoxPlaces) -> None:
     """Root service mode: workers reset, then the socket opens for the cell server's group."""
     settings.runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     for stale in settings.runtime_dir.iterdir():
         shutil.rmtree(stale, ignore_errors=True)
-    cgroups, network_namespace = make_box_places(settings)
-    provider = Provider(settings, cgroups, network_namespace)
-    waiting = list(settings.pool.workers) if settings.pool else []
-    provider.free_workers = reset_first_clean_worker(settings, waiting)
+    provider = Provider(settings, places.cgroups, places.network_namespace)
+    workers = settings.pool.workers if settings.pool else ()
+    provider.free_workers, waiting = reset_first_clean_worker(settings, workers)
     if not provider.free_workers:
         raise SystemExit("kernel provider: no worker could be reset; refusing to run kernels")
     for worker in waiting:
         provider.queue_reset(worker, None)
     listener = listen(socket_path, settings.server_gid)
     log.info("serving on %s: %d workers clean, %d more after their reset, kernels %s", socket_path,
-             len(provider.free_workers), len(waiting), "boxed" if cgroups else "not boxed")  # fmt: skip
+             len(provider.free_workers), len(waiting), "boxed" if places.cgroups else "not boxed")  # fmt: skip
     systemd.notify("READY=1")  # the cell server's unit starts after this: the socket exists by then
     provider.run_forever(listener)
 
