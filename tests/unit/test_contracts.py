@@ -1,0 +1,72 @@
+"""One source per contract: the whole site rendered with other shared ports and paths than the defaults, and
+every file that names one of them names the new value and never the default.
+
+The shared values live in roles/cellfleet/defaults/main.yml; a template or a role default that writes one of
+them as a literal again keeps the default here and fails this test.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from local_ansible import ROOT
+from site_render import render, rendered_files
+
+SHARED = yaml.safe_load((ROOT / "roles/cellfleet/defaults/main.yml").read_text())
+OTHER_VALUES = {
+    "cellfleet_cell_port": 9788,
+    "cellfleet_cells_http_port": 9780,
+    "cellfleet_permalink_port": 9789,
+    "cellfleet_kernel_runtime_dir": "/run/contract-test-kernels",
+}
+# host/role/template (slashes as __) -> the shared values it must name: each contract's writer and readers.
+NAMED_IN = {
+    "cell1/cell_server/etc__cellserver__cellserver.toml.j2": ["cellfleet_cell_port", "cellfleet_permalink_port"],
+    "cell1/cell_server/etc__systemd__system__cellfleet-cell-health.service.j2": ["cellfleet_cell_port"],
+    "cell1/cell_server/etc__systemd__system__cellfleet-kernel-provider.service.j2": ["cellfleet_kernel_runtime_dir"],
+    "cell1/worker_pool/etc__selinux__cellfleet_worker_pool.cil.j2": ["cellfleet_kernel_runtime_dir"],
+    "cell1/nginx/etc__nginx__nginx.conf.j2": ["cellfleet_cell_port", "cellfleet_cells_http_port"],
+    "cell1/base/etc__nftables.conf.j2": ["cellfleet_cells_http_port"],
+    "lb1/haproxy/etc__haproxy__haproxy.cfg.j2": ["cellfleet_cells_http_port", "cellfleet_permalink_port"],
+    "data1/permalink_db/etc__systemd__system__cellfleet-permalinks.service.j2": ["cellfleet_permalink_port"],
+    "data1/base/etc__nftables.conf.j2": ["cellfleet_permalink_port"],
+}
+# Defaults distinctive enough to search every rendered file for (port 80 is also the load balancers' own).
+DISTINCTIVE = ["cellfleet_cell_port", "cellfleet_permalink_port", "cellfleet_kernel_runtime_dir"]
+
+
+def mention(value: object) -> re.Pattern[str]:
+    """A value as a whole word: 9788 is not found in 197880, /run/x not in /run/xy."""
+    return re.compile(rf"(?<![\w/.-]){re.escape(str(value))}(?![\w.-])")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render(tmp_path_factory.mktemp("contracts"), "Debian", OTHER_VALUES)
+
+
+def test_the_other_values_differ_from_the_defaults() -> None:
+    assert set(OTHER_VALUES) == set(SHARED)
+    assert all(OTHER_VALUES[name] != SHARED[name] for name in SHARED)
+
+
+@pytest.mark.parametrize("file", sorted(NAMED_IN))
+def test_every_writer_and_reader_names_the_shared_value_it_was_given(rendered: Path, file: str) -> None:
+    text = (rendered / file).read_text()
+    for name in NAMED_IN[file]:
+        assert mention(OTHER_VALUES[name]).search(text), f"{file} does not name {name} = {OTHER_VALUES[name]}"
+
+
+def test_no_rendered_file_names_a_default_it_was_not_given(rendered: Path) -> None:
+    files = rendered_files(rendered)
+    assert len(files) > 30
+    found = [
+        f"{path.relative_to(rendered)}: {SHARED[name]}"
+        for path in files
+        for name in DISTINCTIVE
+        if mention(SHARED[name]).search(path.read_text())
+    ]
+    assert found == []
