@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cells import Cell, cell_server_python, start_health_checks, stop_health_checks
+from cellserver.kernel_box import KERNEL_OOM_SCORE_ADJ
 from conftest import main_pid, seconds_until_back
 
 
@@ -52,6 +53,18 @@ def test_worker_code_cannot_regain_privileges(cell: Cell) -> None:
         "try:\n    os.setuid(0)\nexcept PermissionError:\n    print('refused')\n"
     )
     assert cell.stdout(code).split() == ["1", "True", "refused"]
+
+
+def test_out_of_memory_takes_a_kernel_and_never_the_provider(cell: Cell) -> None:
+    provider = main_pid(cell.host, "cellfleet-kernel-provider")
+    assert cell.host.check_output(f"cat /proc/{provider}/oom_score_adj") == "-1000"
+    code = (
+        "path = '/proc/self/oom_score_adj'\n"
+        "print(open(path).read().strip())\n"
+        "try:\n    open(path, 'w').write('0'); print('lowered')\n"
+        "except PermissionError:\n    print('refused')\n"
+    )
+    assert cell.stdout(code).split() == [str(KERNEL_OOM_SCORE_ADJ), "refused"]
 
 
 def test_a_computation_sees_no_other_process_and_no_network(cell: Cell) -> None:

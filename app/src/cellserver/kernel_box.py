@@ -28,6 +28,10 @@ from pathlib import Path
 
 PR_SET_NO_NEW_PRIVS = 38  # linux/prctl.h
 SELINUX_CURRENT = Path("/proc/self/attr/current")
+OOM_SCORE_ADJ = Path("/proc/self/oom_score_adj")
+# Where a kernel stands in the OOM killer's order: well ahead of anything else on the cell. The provider that
+# forks it is exempt (-1000, its unit's OOMScoreAdjust), which every child inherits until it says otherwise.
+KERNEL_OOM_SCORE_ADJ = 500
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # linux/sched.h, linux/mount.h, linux/sockios.h, linux/if.h
 CLONE_NEWNS = 0x00020000
@@ -104,6 +108,12 @@ def load_worker_pool(path: Path) -> WorkerPool:
 
 def selinux_enabled() -> bool:
     return Path("/sys/fs/selinux/enforce").exists()
+
+
+def volunteer_for_the_oom_killer() -> None:
+    """Put this process first in the OOM killer's order. Written while still root, the value is also the
+    floor (oom_score_adj_min): the worker this process becomes cannot lower it again."""
+    OOM_SCORE_ADJ.write_text(str(KERNEL_OOM_SCORE_ADJ))
 
 
 def become_worker(worker: Worker, pool: WorkerPool) -> None:

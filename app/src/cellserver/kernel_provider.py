@@ -66,6 +66,7 @@ from cellserver.kernel_box import (
     mount_home,
     shared_network_namespace,
     unmount_home,
+    volunteer_for_the_oom_killer,
 )
 from cellserver.kernel_files import (
     RETAIN_KEY,
@@ -220,6 +221,8 @@ def run_kernel(
     """In the forked child: enter the box, shed the provider's files, become the worker, serve until killed."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
+    # First, before the kernel allocates anything: it must not keep the provider's exemption.
+    volunteer_for_the_oom_killer()
     if box is not None and settings.pool is not None and settings.box is not None:
         try:
             enter_box(box.cgroup, box.network_namespace, settings.pool, settings.box)
