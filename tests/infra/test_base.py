@@ -66,13 +66,14 @@ def test_group_ports_are_open_only_to_their_sources(nodes: dict[str, Node], reac
     assert checked > 0, "the inventory has no load balancer or cell to test group ports with"
 
 
-def test_backend_port_is_open_over_the_mesh_to_load_balancers_only(
+def test_backend_port_is_open_over_the_mesh_to_load_balancers_and_peer_cells_only(
     nodes: dict[str, Node], mesh_reachability: Reachability
 ) -> None:
     checked = 0
     for source, target in peer_pairs(nodes):
         if "cells" in target.groups:
-            expected = CONNECTED if "loadbalancers" in source.groups else DROPPED
+            # The load balancers' backend traffic, and the peer cells' health checks (see the nginx role).
+            expected = CONNECTED if {"loadbalancers", "cells"} & set(source.groups) else DROPPED
             assert mesh_reachability[(source.name, target.name, 80)] == expected, f"{source.name} -> {target.name}:80"
             checked += 1
         assert mesh_reachability[(source.name, target.name, 8099)] == DROPPED, f"{source.name} -> {target.name}:8099"

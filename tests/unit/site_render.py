@@ -17,6 +17,8 @@ import yaml
 from local_ansible import ANSIBLE_PLAYBOOK, ROOT, ansible_environment
 
 INVENTORY = ROOT / "inventory" / "lab" / "hosts.yml"
+# The base role's template of a service's firewall openings, which every role that opens a port renders.
+OPENINGS_TEMPLATE = "etc/nftables.d/cellfleet-open.nft.j2"
 
 # Which lab host renders each role's templates (a host of the group the role runs on).
 ROLE_HOSTS = {
@@ -61,6 +63,18 @@ def templates_of(role: str) -> list[str]:
     return sorted(str(path.relative_to(base)) for path in base.rglob("*.j2")) if base.is_dir() else []
 
 
+def opens_ports(role: str) -> bool:
+    """Whether the role opens ports through the base role's `open` entry point (its rules in vars/main.yml)."""
+    role_vars = ROOT / "roles" / role / "vars" / "main.yml"
+    return role != "base" and role_vars.is_file() and f"__{role}_firewall_openings" in role_vars.read_text()
+
+
+def rendered_names(role: str) -> list[str]:
+    """The files render() writes for role on each of its hosts."""
+    names = [name.replace("/", "__") for name in templates_of(role)]
+    return sorted([*names, OPENINGS_TEMPLATE.replace("/", "__")] if opens_ports(role) else names)
+
+
 def render_tasks(role: str) -> str:
     loads_os_vars = (ROOT / "roles" / role / "vars" / "RedHat.yml").is_file()
     tasks: list[dict] = []
@@ -78,6 +92,23 @@ def render_tasks(role: str) -> str:
         "delegate_to": "localhost",
         "tags": ["always"],
     })  # fmt: skip
+    if role == "base":
+        tasks[-1]["vars"] = {"base_open_name": "inventory", "base_open_rules": "{{ __base_firewall_rules }}"}
+    openings = f"__{role}_firewall_openings"
+    if opens_ports(role):
+        # The ports the role opens, through the base role's template as its `open` entry point writes them.
+        rendered_as = OPENINGS_TEMPLATE.replace("/", "__")
+        tasks.append({
+            "name": "Render the role's firewall openings",
+            "ansible.builtin.template": {
+                "src": "{{ role_path }}/../base/templates/" + OPENINGS_TEMPLATE,
+                "dest": "{{ render_dir }}/{{ inventory_hostname }}/" + role + "/" + rendered_as,
+                "mode": "0600",
+            },
+            "vars": {"base_open_name": role, "base_open_rules": "{{ " + openings + " }}"},
+            "delegate_to": "localhost",
+            "tags": ["always"],
+        })  # fmt: skip
     return yaml.safe_dump(tasks, sort_keys=False)
 
 

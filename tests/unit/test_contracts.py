@@ -21,18 +21,40 @@ OTHER_VALUES = {
     "cellfleet_cells_http_port": 9780,
     "cellfleet_permalink_port": 9789,
     "cellfleet_kernel_runtime_dir": "/run/contract-test-kernels",
+    "cellfleet_peer_address_var": "contract_peer_address",
+    "cellfleet_peer_interface": "wgcontract",
 }
+# What a file that reads a shared value shows of it, where that is not the value itself: a host variable's name
+# shows as the address it holds (every host gets this one, as an extra variable).
+SHOWN_AS = {"cellfleet_peer_address_var": "10.99.0.7"}
 # host/role/template (slashes as __) -> the shared values it must name: each contract's writer and readers.
 NAMED_IN = {
-    "cell1/cell_server/etc__cellserver__cellserver.toml.j2": ["cellfleet_cell_port", "cellfleet_permalink_port"],
+    "cell1/cell_server/etc__cellserver__cellserver.toml.j2": [
+        "cellfleet_cell_port",
+        "cellfleet_permalink_port",
+        "cellfleet_peer_address_var",
+    ],
     "cell1/cell_server/etc__systemd__system__cellfleet-cell-health.service.j2": ["cellfleet_cell_port"],
     "cell1/cell_server/etc__systemd__system__cellfleet-kernel-provider.service.j2": ["cellfleet_kernel_runtime_dir"],
     "cell1/worker_pool/etc__selinux__cellfleet_worker_pool.cil.j2": ["cellfleet_kernel_runtime_dir"],
     "cell1/nginx/etc__nginx__nginx.conf.j2": ["cellfleet_cell_port", "cellfleet_cells_http_port"],
-    "cell1/base/etc__nftables.conf.j2": ["cellfleet_cells_http_port"],
-    "lb1/haproxy/etc__haproxy__haproxy.cfg.j2": ["cellfleet_cells_http_port", "cellfleet_permalink_port"],
+    "cell1/nginx/etc__nftables.d__cellfleet-open.nft.j2": [
+        "cellfleet_cells_http_port",
+        "cellfleet_peer_address_var",
+        "cellfleet_peer_interface",
+    ],
+    "cell1/rsyslog/etc__rsyslog.d__20-cellfleet-forward.conf.j2": ["cellfleet_peer_address_var"],
+    "lb1/haproxy/etc__haproxy__haproxy.cfg.j2": [
+        "cellfleet_cells_http_port",
+        "cellfleet_permalink_port",
+        "cellfleet_peer_address_var",
+    ],
     "data1/permalink_db/etc__systemd__system__cellfleet-permalinks.service.j2": ["cellfleet_permalink_port"],
-    "data1/base/etc__nftables.conf.j2": ["cellfleet_permalink_port"],
+    "data1/permalink_db/etc__nftables.d__cellfleet-open.nft.j2": [
+        "cellfleet_permalink_port",
+        "cellfleet_peer_address_var",
+        "cellfleet_peer_interface",
+    ],
 }
 # Defaults distinctive enough to search every rendered file for (port 80 is also the load balancers' own).
 DISTINCTIVE = ["cellfleet_cell_port", "cellfleet_permalink_port", "cellfleet_kernel_runtime_dir"]
@@ -45,7 +67,8 @@ def mention(value: object) -> re.Pattern[str]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return render(tmp_path_factory.mktemp("contracts"), "Debian", OTHER_VALUES)
+    shown = {OTHER_VALUES["cellfleet_peer_address_var"]: SHOWN_AS["cellfleet_peer_address_var"]}
+    return render(tmp_path_factory.mktemp("contracts"), "Debian", {**OTHER_VALUES, **shown})
 
 
 def test_the_other_values_differ_from_the_defaults() -> None:
@@ -57,7 +80,10 @@ def test_the_other_values_differ_from_the_defaults() -> None:
 def test_every_writer_and_reader_names_the_shared_value_it_was_given(rendered: Path, file: str) -> None:
     text = (rendered / file).read_text()
     for name in NAMED_IN[file]:
-        assert mention(OTHER_VALUES[name]).search(text), f"{file} does not name {name} = {OTHER_VALUES[name]}"
+        shown = SHOWN_AS.get(name, OTHER_VALUES[name])
+        # An address shows inside a URL too (http://10.99.0.7:...), so it is only kept apart from other digits.
+        pattern = re.compile(rf"(?<![\d.]){re.escape(shown)}(?![\d])") if name in SHOWN_AS else mention(shown)
+        assert pattern.search(text), f"{file} does not name {name} = {OTHER_VALUES[name]} ({shown})"
 
 
 def test_no_rendered_file_names_a_default_it_was_not_given(rendered: Path) -> None:

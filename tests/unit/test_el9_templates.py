@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from site_render import ROLE_HOSTS, render, rendered_files, templates_of
+from site_render import ROLE_HOSTS, render, rendered_files, rendered_names, templates_of
 
 # Names that exist only on Debian (from the roles' vars/Debian.yml, where a template uses them): an EL9 file
 # naming one was rendered with Debian's values. The Debian rendering must show them, or the probe is blind.
@@ -46,7 +46,7 @@ def test_every_template_of_every_role_renders_for_el9(rendered: Path) -> None:
     for role, hosts in ROLE_HOSTS.items():
         for host in hosts:
             names = sorted(path.name for path in (rendered / host / role).glob("*")) if templates_of(role) else []
-            assert names == [name.replace("/", "__") for name in templates_of(role)], (role, host)
+            assert names == rendered_names(role), (role, host)
 
 
 def test_el9_files_name_el_paths_and_accounts_and_no_debian_ones(rendered: Path, rendered_for_debian: Path) -> None:
@@ -55,15 +55,20 @@ def test_el9_files_name_el_paths_and_accounts_and_no_debian_ones(rendered: Path,
     assert names_in(rendered, EL_ONLY) == set(EL_ONLY)
 
 
-def test_el9_nftables_rules_parse(rendered: Path) -> None:
-    rules = rendered_files(rendered, ".nft.j2") + rendered_files(rendered, "nftables.conf.j2")
-    assert len(rules) == 4, rules  # the firewall on three hosts, the workers' egress rules on the cell
-    for path in rules:
-        text = path.read_text().replace("include ", "# include ")  # the drop-in directory is not here
-        checked = path.with_suffix(".checked")
+def test_el9_nftables_rules_parse(rendered: Path, tmp_path: Path) -> None:
+    # Each host's ruleset as nftables loads it: the base file, then what its include directory would hold (the
+    # openings of every role the host runs, the workers' egress rules).
+    hosts = sorted(path.parent.parent.name for path in rendered.glob("*/base/etc__nftables.conf.j2"))
+    assert hosts == ["cell1", "data1", "lb1"]
+    for host in hosts:
+        base = (rendered / host / "base" / "etc__nftables.conf.j2").read_text()
+        included = sorted((rendered / host).glob("*/etc__nftables.d__*.nft.j2"))
+        assert len(included) >= 2, included  # the inventory's openings and at least one service's
+        text = base.replace("include ", "# include ") + "".join(path.read_text() for path in included)
+        checked = tmp_path / f"{host}.nft"
         checked.write_text(text)
         result = subprocess.run(["nft", "-c", "-f", str(checked)], capture_output=True, text=True, check=False)
-        assert result.returncode == 0, (path.name, result.stderr)
+        assert result.returncode == 0, (host, result.stderr)
 
 
 def test_el9_unit_files_are_well_formed(rendered: Path) -> None:

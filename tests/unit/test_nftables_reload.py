@@ -40,8 +40,8 @@ def load(namespace: str, tmp_path: Path, opened: list[dict], pool_size: int) -> 
     include_dir = tmp_path / "nftables.d"
     include_dir.mkdir(exist_ok=True)
     (include_dir / "cellfleet-worker-egress.nft").write_text(render_egress(worker_pool_size=pool_size))
+    render_base(tmp_path, opened)
     base = tmp_path / "nftables.conf"
-    base.write_text(render_base(tmp_path, opened))
     subprocess.run(["ip", "netns", "exec", namespace, "nft", "-f", str(base)], check=True)
     listed = subprocess.run(["ip", "netns", "exec", namespace, "nft", "list", "ruleset"], check=True,
                             capture_output=True, text=True)  # fmt: skip
