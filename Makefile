@@ -59,8 +59,13 @@ $(STAMP_DIR)/app: app/pyproject.toml $(STAMP_DIR)/venv
 	@$(BIN)/pip install -q --no-deps -e app
 	@touch $@
 
+$(STAMP_DIR)/labkit: tests/labkit/pyproject.toml $(STAMP_DIR)/venv
+	@echo "[setup] installing the lab toolkit (tests/labkit/) into $(VENV)"
+	@$(BIN)/pip install -q --no-deps -e tests/labkit
+	@touch $@
+
 .PHONY: venv
-venv: $(STAMP_DIR)/collections $(STAMP_DIR)/app ## Create .venv with pinned tools, the app, and check the collections
+venv: $(STAMP_DIR)/collections $(STAMP_DIR)/app $(STAMP_DIR)/labkit ## Create .venv with pinned tools, the app, the lab toolkit, and check the collections
 
 # The laptop's Sage: its own venv (2.5 GB), the app installed into it, so `cellserver serve --kernel sage` runs.
 SAGE_VENV   ?= .venv-sage

@@ -34,13 +34,11 @@ from typing import Any
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
-sys.path.insert(0, str(PROJECT_ROOT / "tests" / "remote"))
+from labkit.lab import CELLS, INVENTORY, LOAD_BALANCER, StatusWatch, server_state, ssh, virsh
+from labkit.load import Sample, SteadyLoad, enter_lab_namespace, in_lab_namespace_possible
+from labkit.sending import concurrent_requests_command
 
-from lab import CELLS, INVENTORY, LOAD_BALANCER, StatusWatch, server_state, ssh, virsh  # noqa: E402
-from load import Sample, SteadyLoad, enter_lab_namespace, in_lab_namespace_possible  # noqa: E402
-from sending import concurrent_requests_command  # noqa: E402
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
 URL = f"https://{LOAD_BALANCER}/service"

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+from report import headless_pyplot
 
-from lab import (  # noqa: E402
+from labkit.lab import (
     CELLS,
     LOAD_BALANCER,
     NEW_CELL,
@@ -34,8 +33,9 @@ from lab import (  # noqa: E402
     release_of_app,
     wheelhouse_for,
 )
-from load import Sample, SteadyLoad  # noqa: E402
-from report import headless_pyplot  # noqa: E402
+from labkit.load import Sample, SteadyLoad
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
 TARGET_CLONE_TO_SERVING_S = 300

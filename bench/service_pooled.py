@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+from labkit.lab import ssh
 
-from lab import ssh  # noqa: E402
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "service_pooled.json"
 

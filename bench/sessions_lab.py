@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import threading
 import time
 import urllib.parse
@@ -25,17 +24,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sessions import execute_request
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from http_load import percentile
+from labkit.lab import CELLS, LOAD_BALANCER, admin, ssh
+from labkit.load import enter_lab_namespace
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
-
-from lab import CELLS, LOAD_BALANCER, admin, ssh  # noqa: E402
-from load import enter_lab_namespace  # noqa: E402
-from sessions import execute_request  # noqa: E402
-
-from http_load import percentile  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "sessions_lab.json"
 ROOT_URL = f"https://{LOAD_BALANCER}"

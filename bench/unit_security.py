@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+from labkit.lab import ssh
 
-from lab import ssh  # noqa: E402
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "unit_security.json"
 UNITS = {

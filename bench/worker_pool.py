@@ -18,15 +18,13 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "tests" / "cluster"))
+from labkit.lab import ssh, ssh_command
 
-from lab import ssh, ssh_command  # noqa: E402
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "worker_pool.json"
 

@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 
 import pytest
-from lab import CELLS, LOAD_BALANCER, StatusWatch, playbook, ssh
-from load import SteadyLoad, enter_lab_namespace, in_lab_namespace_possible
+
+from labkit.lab import CELLS, LOAD_BALANCER, StatusWatch, playbook, ssh
+from labkit.load import SteadyLoad, enter_lab_namespace, in_lab_namespace_possible
 
 pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
 

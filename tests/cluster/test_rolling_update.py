@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from lab import (
+
+from cellserver.sessions import DRAINED
+from labkit.lab import (
     CELLS,
     LOAD_BALANCER,
     ROOT,
@@ -22,9 +24,7 @@ from lab import (
     server_state,
     wheelhouse_for,
 )  # fmt: skip
-from load import HeldSessions, SteadyLoad, in_lab_namespace_possible
-
-from cellserver.sessions import DRAINED
+from labkit.load import HeldSessions, SteadyLoad, in_lab_namespace_possible
 
 pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import lab
 import pytest
-from lab import (
+
+from labkit.lab import (
     CELLS,
     LOAD_BALANCER,
     NEW_CELL,
@@ -26,7 +27,7 @@ from lab import (
     ssh,
     virsh,
 )
-from load import SteadyLoad, in_lab_namespace_possible
+from labkit.load import SteadyLoad, in_lab_namespace_possible
 
 pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
 

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sending import concurrent_requests_command, script_command
 
 from cells import cell_server_python
 from conftest import Node
+from labkit.sending import concurrent_requests_command, script_command
 
 
 @pytest.fixture(scope="module")

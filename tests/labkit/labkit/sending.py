@@ -1,4 +1,4 @@
-"""How the scripts in this directory reach a lab VM: their source as `python3 -c`, their arguments quoted.
+"""How the scripts in tests/remote reach a lab VM: their source as `python3 -c`, their arguments quoted.
 
 The VMs have python3 but not this checkout, so a script travels inside the command line.
 """
@@ -9,7 +9,7 @@ import json
 import shlex
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
+SCRIPTS = Path(__file__).resolve().parents[3] / "tests" / "remote"
 
 
 def concurrent_requests_command(url: str, method: str, fields: dict[str, str], count: int) -> str:

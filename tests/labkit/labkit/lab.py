@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 INVENTORY = ROOT / "inventory" / "lab" / "hosts.yml"
 SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
 LOAD_BALANCER = "10.77.0.11"
