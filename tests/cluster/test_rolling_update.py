@@ -51,12 +51,12 @@ def test_a_rolling_update_under_load_fails_no_request(tmp_path: Path, baseline: 
     url = f"https://{LOAD_BALANCER}/service"
     try:
         with SteadyLoad(url) as load:
-            time.sleep(10)
+            load.wait_for_answers(4)
             started = time.monotonic()
             result = roll_out(release, version)
             took = time.monotonic() - started
             finished = time.monotonic()
-            time.sleep(10)
+            load.wait_for_answers(4, since=finished)
         assert result.returncode == 0, result.stdout[-3000:]
         outcomes = load.outcomes()
         print(f"rolling update of {len(CELLS)} cells in {took:.0f} s under load: {dict(outcomes)}")
@@ -100,10 +100,10 @@ def test_a_failing_canary_stops_the_rollout_while_the_other_cell_serves(tmp_path
     before = installed_release(CELLS[other])
     url = f"https://{LOAD_BALANCER}/service"
     with SteadyLoad(url) as load:
-        time.sleep(5)
+        load.wait_for_answers(2)
         result = roll_out(broken, version, "-e", "cell_server_check_seconds=10")
         finished = time.monotonic()
-        time.sleep(10)
+        load.wait_for_answers(4, since=finished)
     try:
         assert result.returncode != 0, "the rollout went on past a canary that cannot serve"
         assert server_state(canary) == "MAINT", "the failed canary is back in rotation"

@@ -11,9 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import lab
 import pytest
 
+from labkit import lab
 from labkit.lab import (
     CELLS,
     LOAD_BALANCER,
@@ -28,6 +28,7 @@ from labkit.lab import (
     virsh,
 )
 from labkit.load import SteadyLoad, in_lab_namespace_possible
+from labkit.waiting import until
 
 pytestmark = pytest.mark.skipif(not in_lab_namespace_possible(), reason="needs root and the lab (make up)")
 
@@ -62,7 +63,7 @@ def test_snapshot_of_a_serving_cell_drops_nothing_and_its_clone_has_its_own_iden
     assert server_stats(NEW_CELL) is None, "cell3 is already in the load balancer"
     try:
         with SteadyLoad(URL) as load:
-            time.sleep(5)
+            load.wait_for_answers(2)
             started = time.monotonic()
             added = playbook(
                 "add-server.yml", "-e", f"name={NEW_CELL}", "-e", f"add_server_from={snapshot}", inventories=inventories
@@ -70,25 +71,22 @@ def test_snapshot_of_a_serving_cell_drops_nothing_and_its_clone_has_its_own_iden
             took = time.monotonic() - started
             assert added.returncode == 0, added.stdout[-4000:]
             # Up when add-server returns; an emulated fresh clone may still miss a 10 s check now and then.
-            deadline = time.monotonic() + 180
-            while server_state(NEW_CELL) != "UP":
-                assert time.monotonic() < deadline, f"{NEW_CELL} not UP in the load balancer 3 min after add-server"
-                time.sleep(2)
+            assert until(lambda: server_state(NEW_CELL) == "UP", 180, interval=2), (
+                f"{NEW_CELL} not UP in the load balancer 3 min after add-server"
+            )
             # Cloned from cell1's disk, it kept none of cell1's identity.
             identity = "cat /etc/machine-id /etc/wireguard/wg0.pub /etc/ssh/ssh_host_ed25519_key.pub"
             source, clone = (ssh(address, identity).split("\n") for address in (CELLS["cell1"], NEW_CELL_ADDRESS))
             assert all(mine != theirs for mine, theirs in zip(source[:3], clone[:3], strict=True)), (source, clone)
             assert len(ssh(CELLS["cell1"], "wg show wg0 latest-handshakes").splitlines()) == 4
             # leastconn sends the new cell its share once it is up.
-            deadline = time.monotonic() + 120
-            while int(server_stats(NEW_CELL)["stot"]) == 0 and time.monotonic() < deadline:
-                time.sleep(2)
+            until(lambda: int(server_stats(NEW_CELL)["stot"]) > 0, 120, interval=2)
             served_by_new = int(server_stats(NEW_CELL)["stot"])
             added_outcomes = dict(load.outcomes())
             started = time.monotonic()
             removed = playbook("remove-server.yml", "-e", f"name={NEW_CELL}")
             took_removal = time.monotonic() - started
-            time.sleep(5)
+            load.wait_for_answers(2, since=started + took_removal)
         print(f"add-server from {snapshot} in {took:.0f} s; cell3 served {served_by_new} requests; remove-server"
               f" in {took_removal:.0f} s; load: {added_outcomes} then {dict(load.outcomes())}")  # fmt: skip
         assert removed.returncode == 0, removed.stdout[-4000:]
@@ -107,16 +105,13 @@ def test_a_cell_vm_lost_abruptly_is_out_of_rotation_in_seconds() -> None:
     watch = StatusWatch(victim)
     try:
         with SteadyLoad(URL) as load:
-            time.sleep(10)
+            load.wait_for_answers(4)
             assert watch.samples and watch.samples[-1][1] == "UP", watch.samples[-3:]
             destroyed = time.monotonic()
             virsh("destroy", victim)
-            deadline = destroyed + 60
-            while watch.out_of_rotation_since(destroyed) is None:
-                assert time.monotonic() < deadline, f"{victim} still UP a minute after its VM was destroyed"
-                time.sleep(0.2)
-            out = watch.out_of_rotation_since(destroyed)
-            time.sleep(30)
+            out = until(lambda: watch.out_of_rotation_since(destroyed), 60, interval=0.2)
+            assert out is not None, f"{victim} still UP a minute after its VM was destroyed"
+            load.wait_for_answers(8, since=out)
         before = [s for s in load.samples if s.started < out]
         after = [s for s in load.samples if s.started >= out]
         failed_before = [s.outcome for s in before if s.outcome != "200"]
@@ -133,7 +128,6 @@ def test_a_cell_vm_lost_abruptly_is_out_of_rotation_in_seconds() -> None:
         # Back as it was: the same VM boots from its own disk and HAProxy's checks bring it back.
         if virsh("domstate", victim).strip() != "running":
             virsh("start", victim)
-        deadline = time.monotonic() + 600
-        while server_state(victim) != "UP":
-            assert time.monotonic() < deadline, f"{victim} not back UP 10 min after its restart"
-            time.sleep(5)
+        assert until(lambda: server_state(victim) == "UP", 600, interval=5), (
+            f"{victim} not back UP 10 min after its restart"
+        )

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from conftest import Node
+from labkit.waiting import until
 
 LOG_DIR = "/var/log/cellfleet-hosts"
 # The acceptance asks for 60 s; a shorter outage can be asked for when iterating by hand.
@@ -44,10 +45,7 @@ def received(log_host: Node, client: Node, program: str) -> list[str]:
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(2)
+    assert until(condition, timeout, interval=2), f"not within {timeout:.0f} s: {what}"
 
 
 def test_lines_from_every_node_reach_their_own_file(log_host: Node, clients: list[Node]) -> None:

@@ -49,8 +49,16 @@ def send(client: Node, url: str, method: str = "GET", fields: dict | None = None
     return json.loads(client.host.check_output(concurrent_requests_command(url, method, fields or {}, count)))
 
 
-def wait_for_rate_window() -> None:
-    time.sleep(11)  # the limits count requests over the last 10 s
+RATE_TABLES = ("rate_compute_per_ip", "rate_compute_total", "rate_permalink_per_ip", "rate_permalink_total")
+
+
+def forget_request_rates(lb: Node) -> None:
+    """Start from no counted requests: the limits count the last 10 s, and the tests before sent many."""
+    for table in RATE_TABLES:
+        admin(lb, f"clear table {table}")
+    for table in RATE_TABLES:
+        listed = admin(lb, f"show table {table}")
+        assert "used:0" in listed, listed
 
 
 def test_a_computation_through_the_load_balancer(lab: dict[str, Node]) -> None:
@@ -190,7 +198,7 @@ def test_a_flooding_client_gets_429_while_another_is_served(lab: dict[str, Node]
     lb = load_balancer(lab)
     flooder, other = clients(lab)[:2]
     limit = int(lb.variables.get("haproxy_rate_limit_per_ip", 100))
-    wait_for_rate_window()
+    forget_request_rates(lb)
     # Twice the per-client limit, so the flood alone stays within the total limit and others are served.
     flood = statuses(send(flooder, f"https://{lb.address}/service", "POST", {"code": "1"}, limit * 2))
     assert flood.count(429) >= limit, flood
@@ -212,7 +220,7 @@ def test_the_total_limit_holds_across_clients(lab: dict[str, Node]) -> None:
     senders = clients(lab)
     if per_ip * len(senders) <= total:
         pytest.skip("the clients cannot exceed the total limit while each stays under its own")
-    wait_for_rate_window()
+    forget_request_rates(lb)
     # Every client at once, each staying within its own limit.
     with ThreadPoolExecutor(len(senders)) as background:
         batches = background.map(

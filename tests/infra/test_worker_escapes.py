@@ -18,6 +18,7 @@ import pytest
 
 from cells import Cell
 from conftest import main_pid
+from labkit.waiting import until_gone
 
 PROVIDER_UNIT = "cellfleet-kernel-provider"
 PROVIDER_SOCKET = "/run/cellfleet-kernel-provider/provider.sock"
@@ -31,10 +32,7 @@ SETTLE_SECONDS = 45
 def until_nothing_left(look: Callable[[], str]) -> str:
     """What look() still finds once the release has had its time: the answer comes first, the reset of the
     worker after it, so this looks again until look() finds nothing or SETTLE_SECONDS are up."""
-    deadline = time.monotonic() + SETTLE_SECONDS
-    while (left := look()).strip() and time.monotonic() < deadline:
-        time.sleep(1)
-    return left.strip()
+    return until_gone(look, SETTLE_SECONDS, interval=1)
 
 
 def files_left(cell: Cell, uid: int, name: str) -> str:

@@ -16,6 +16,7 @@ from testinfra.host import Host
 
 from cells import start_health_checks, stop_health_checks
 from conftest import CONNECTED, Node, tcp_connect_many
+from labkit.waiting import until
 
 LAUNCHER = "cellserver"
 RUN = "/usr/local/sbin/cellfleet-worker-run"
@@ -263,10 +264,7 @@ def test_outbound_connections_from_a_worker_fail_and_from_others_succeed(nodes: 
 
 def eventually(look: Callable[[], str], seconds: float = LAUNCH_SECONDS) -> str:
     """look()'s first non-empty answer, or its empty one once seconds are up."""
-    deadline = time.monotonic() + seconds
-    while not (found := look().strip()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return found
+    return until(lambda: look().strip(), seconds)
 
 
 def fresh_ssh_seconds(node: Node) -> float:
@@ -413,9 +411,10 @@ def test_reset_leaves_no_process_and_no_file_and_keeps_the_dotfiles(pool: Pool) 
     # A process of the worker that was not started through the pool, and a file it left in a shared directory.
     pool.host.run(f"systemd-run --unit=cf-test-stray --uid={uid} --collect sleep 600")
     pool.host.run(f"install -o {uid} -m 600 /dev/null /var/tmp/cf-stray-{worker}")
-    time.sleep(4)
-    assert pool.host.check_output(f"pgrep -u {uid} | wc -l") not in ("", "0")
-    assert pool.host.check_output(f"find {home}/deep /tmp /var/tmp /dev/shm -user {uid} | wc -l") != "0"
+    # Started in the background: wait until the worker's processes and its litter are there to be reset.
+    assert eventually(lambda: pool.host.run(f"pgrep -u {uid}").stdout), "the worker's processes never started"
+    litter = f"find {home}/deep /tmp /var/tmp /dev/shm -user {uid}"
+    assert eventually(lambda: pool.host.run(litter).stdout), "the worker's files never appeared"
 
     report = reset(pool, worker)
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
+from labkit.waiting import until
+
 NETNS = "cellfleet"
 CLONE_NEWNET = 0x40000000
 
@@ -98,6 +100,18 @@ class SteadyLoad:
             with self._lock:
                 self.samples.append(Sample(started, time.monotonic() - started, outcome, release, detail))
             time.sleep(self.pause_seconds)
+
+    def answered_since(self, since: float) -> int:
+        """How many requests sent at or after since (time.monotonic()) have their outcome."""
+        with self._lock:
+            return sum(1 for sample in self.samples if sample.started >= since)
+
+    def wait_for_answers(self, count: int, since: float = 0.0, patience: float = 300) -> None:
+        """Until count requests sent at or after since have their outcome, whatever it is: the load has been
+        seen to run then, which a fixed pause only hopes."""
+        assert until(lambda: self.answered_since(since) >= count, patience), (
+            f"{self.answered_since(since)} of {count} answers within {patience:.0f} s: {self.outcomes()}"
+        )
 
     def wrong_answers(self) -> list[str]:
         with self._lock:
