@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cellserver.service import HEALTH_TIMEOUT_SECONDS
 from conftest import Service, compute_server, descendants, free_port, only_child, sage_python
 
 LOCAL3_INFO = 19 * 8 + 6  # syslog priority: facility local3 (19), severity info (6)
@@ -108,6 +109,49 @@ def test_health_probes_do_not_wait_for_a_refresh(tmp_path: Path) -> None:
     settings.write_text("health_max_age = 0\n")
     seconds = seconds_for_ten_health_probes(tmp_path, "--config", str(settings))
     assert seconds < 1.0, "probes waited for the refreshing computation"
+
+
+def saturated_server(tmp_path: Path) -> Service:
+    """One kernel slot and a fresh health computation for every probe (max age 0)."""
+    settings = tmp_path / "cellserver.toml"
+    settings.write_text("health_max_age = 0\n")
+    return compute_server(tmp_path, "--config", str(settings), "--max-kernels", "1", "--preforked", "0")
+
+
+def hold_the_only_kernel(server: Service) -> None:
+    status, _headers, body = server.request("POST", "/kernel", {"accepted_tos": "true", "timeout": "60"})
+    assert status == 200, body
+
+
+def test_a_saturated_cell_stays_healthy_on_its_last_success(tmp_path: Path) -> None:
+    # Every kernel busy is saturation, not breakage: a load balancer that took the cell out for it would send
+    # its load to the peers, which then saturate in turn.
+    server = saturated_server(tmp_path)
+    server.start()
+    try:
+        assert server.request("POST", "/service", {"code": "print(1)"})[0] == 200
+        hold_the_only_kernel(server)
+        # Probes for longer than a health computation may wait for a kernel: several of them conclude that every
+        # kernel is busy, and the probes after them read that.
+        answers = []
+        until = time.monotonic() + HEALTH_TIMEOUT_SECONDS + 5
+        while time.monotonic() < until:
+            answers.append(server.request("GET", "/health", timeout=15)[:3:2])
+            time.sleep(0.5)
+    finally:
+        server.stop()
+    assert all(status == 200 for status, _body in answers), answers
+
+
+def test_a_cell_that_never_computed_is_not_healthy_while_saturated(tmp_path: Path) -> None:
+    server = saturated_server(tmp_path)
+    server.start()
+    try:
+        hold_the_only_kernel(server)
+        status, _headers, body = server.request("GET", "/health", timeout=15)
+    finally:
+        server.stop()
+    assert status == 503 and "every kernel is busy, and no computation has succeeded" in json.loads(body)["error"]
 
 
 def provider_of(server: Service) -> int:

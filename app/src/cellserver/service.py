@@ -7,6 +7,7 @@ import json
 import math
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from cellserver.sessions import SessionManager
 
 RETRY_AFTER_SECONDS = 5
 HEALTH_TIMEOUT_SECONDS = 10.0
+# How long a cell whose health computation could not run (every kernel busy) or did not answer in time still
+# counts as alive on its last success: a saturated or starved cell serves late, and taking it out of rotation
+# sends its load to its peers, which then starve in turn.
+SLOW_CELL_SECONDS = 60.0
 
 
 async def execute(kernel: Kernel, code: str, user_expressions: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -133,6 +138,15 @@ async def evaluate_quietly(kernel: Kernel, expression: str, timeout: float) -> s
     return value.get("data", {}).get("text/plain") if value.get("status") == "ok" else None
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One health computation's result: failure is None when it answered right; a failure that is not
+    conclusive (every kernel busy, no answer in time) says the cell is saturated or slow, not broken."""
+
+    failure: str | None
+    conclusive: bool = True
+
+
 class HealthProbe:
     """One real computation, shared: load balancers probe every second, a kernel per probe would be a load
     of its own. A result younger than max_age answers; an older one starts a fresh computation: a reserve
@@ -147,12 +161,17 @@ class HealthProbe:
     A user's computation that succeeded proves the same as the probe's own, so it counts as the recent
     result: a busy cell spends no kernels on probes (on the lab's emulated cells they were a kernel start
     every 5 s each, while they served). Failed ones do not count: user code fails for reasons of its own.
+
+    A wrong answer or a kernel that cannot start makes the cell unhealthy at once. A computation that could
+    not run because every kernel is busy, or that did not answer in time, proves nothing either way: the cell
+    stays healthy on its last success for SLOW_CELL_SECONDS, and only then is it called unhealthy.
     """
 
     def __init__(self, pool: KernelPool, max_age: float) -> None:
         self.pool = pool
         self.max_age = max_age
         self._last: tuple[float, str | None] | None = None  # (finished at, failure or None)
+        self._last_success: float | None = None
         self._running: asyncio.Future[str | None] | None = None
 
     async def failure(self) -> str | None:
@@ -171,7 +190,11 @@ class HealthProbe:
     def witness(self, answer: dict[str, Any]) -> None:
         """A user's computation just ended with this answer."""
         if answer["success"]:
-            self._last = (time.monotonic(), None)
+            self._succeeded()
+
+    def _succeeded(self) -> None:
+        now = time.monotonic()
+        self._last, self._last_success = (now, None), now
 
     def _forget(self, finished: asyncio.Future[str | None]) -> None:
         if self._running is finished:
@@ -180,13 +203,25 @@ class HealthProbe:
     async def _compute(self) -> str | None:
         # It may run with no probe awaiting it: whatever goes wrong is recorded as the failure, not raised.
         try:
-            result = await self._compute_once()
+            verdict = await self._compute_once()
         except Exception as error:
-            result = f"the health computation failed: {error!r}"
-        self._last = (time.monotonic(), result)
-        return result
+            verdict = Verdict(f"the health computation failed: {error!r}")
+        if verdict.failure is None:
+            self._succeeded()
+            return None
+        self._last = (time.monotonic(), self._judge(verdict))
+        return self._last[1]
 
-    async def _compute_once(self) -> str | None:
+    def _judge(self, verdict: Verdict) -> str | None:
+        """The failure a probe reports for a computation that did not answer right."""
+        if verdict.conclusive:
+            return verdict.failure
+        since = time.monotonic() - self._last_success if self._last_success is not None else math.inf
+        if since < SLOW_CELL_SECONDS:
+            return None
+        return f"{verdict.failure}, and no computation has succeeded for {SLOW_CELL_SECONDS:.0f} s"
+
+    async def _compute_once(self) -> Verdict:
         expression, expected = probe_sum()
         kernel = await self.pool.borrow(HEALTH_TIMEOUT_SECONDS)
         if kernel is not None:
@@ -194,20 +229,24 @@ class HealthProbe:
             # would cost an emulated cell most of its CPU while it serves nobody.
             value = await evaluate_quietly(kernel, expression, HEALTH_TIMEOUT_SECONDS)
             self.pool.give_back(kernel, usable=value == expected)
-            return None if value == expected else f"a reserve kernel answered {value!r}, not {expected}"
+            if value is None:
+                return Verdict(f"a reserve kernel gave no answer within {HEALTH_TIMEOUT_SECONDS:g} s", False)
+            return Verdict(None if value == expected else f"a reserve kernel answered {value!r}, not {expected}")
         try:
             kernel = await self.pool.acquire()
         except KernelStartError as error:
-            return f"a kernel failed to start: {error}"
+            return Verdict(f"a kernel failed to start: {error}")
         except KernelsBusyError:
-            return "no kernel available"
+            return Verdict("every kernel is busy", False)
         try:
             answer = await execute(kernel, f"print({expression})", {}, HEALTH_TIMEOUT_SECONDS)
         finally:
             self.pool.release(kernel)
         if answer["success"] and answer["stdout"].strip() == expected:
-            return None
-        return f"the health computation answered {answer['stdout']!r}, not {expected}"
+            return Verdict(None)
+        if answer["execute_reply"].get("ename") == "TimeoutError":
+            return Verdict(f"the health computation gave no answer within {HEALTH_TIMEOUT_SECONDS:g} s", False)
+        return Verdict(f"the health computation answered {answer['stdout']!r}, not {expected}")
 
 
 class HealthHandler(JSONErrorHandler):
