@@ -60,11 +60,14 @@ def accept_lines(ruleset: str) -> list[str]:
     return [line.strip() for line in ruleset.splitlines() if "dport" in line and "DHCP replies" not in line]
 
 
-def nft_check(tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """nft -c of the base ruleset written by render, with what its include directory holds."""
+def nft_check(tmp_path: Path, ruleset: str | None = None) -> subprocess.CompletedProcess[str]:
+    """nft -c of ruleset, or of the base ruleset render wrote (with what its include directory holds)."""
     if NFT is None:
         pytest.fail("nft is missing: run `make host-deps`")
     path = tmp_path / "nftables.conf"
+    if ruleset is not None:
+        path = tmp_path / "checked.nft"
+        path.write_text(ruleset)
     return subprocess.run([NFT, "-c", "-f", str(path)], capture_output=True, text=True, check=False)
 
 
