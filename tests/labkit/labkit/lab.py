@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from labkit.waiting import until
+
 ROOT = Path(__file__).resolve().parents[3]
 INVENTORY = ROOT / "inventory" / "lab" / "hosts.yml"
 SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
@@ -147,11 +149,8 @@ class StatusWatch:
 
     def wait_streaming(self, limit: float = 30) -> None:
         """Returns once a status has arrived: a fault timed before that would be timed by the SSH connect."""
-        deadline = time.monotonic() + limit
-        while not self.samples:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no status from the load balancer within {limit:.0f} s")
-            time.sleep(0.2)
+        if not until(lambda: self.samples, limit, interval=0.2):
+            raise TimeoutError(f"no status from the load balancer within {limit:.0f} s")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -166,11 +166,8 @@ class HeldSessions:
             thread.join(timeout=1)
 
     def wait_open(self, patience: float) -> None:
-        deadline = time.monotonic() + patience
-        while not all(held.opened or held.error for held in self.sessions):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sessions not open after {patience} s: {self.sessions}")
-            time.sleep(0.5)
+        if not until(lambda: all(held.opened or held.error for held in self.sessions), patience):
+            raise TimeoutError(f"sessions not open after {patience} s: {self.sessions}")
         errors = [held.error for held in self.sessions if held.error]
         if errors:
             raise RuntimeError(f"sessions failed to open: {errors}")
