@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cellserver.service import HEALTH_TIMEOUT_SECONDS
+from cellserver.service import HEALTH_TIMEOUT_SECONDS, PROBE_PATIENCE_SECONDS
 from conftest import Service, compute_server, descendants, free_port, only_child, sage_python
 
 LOCAL3_INFO = 19 * 8 + 6  # syslog priority: facility local3 (19), severity info (6)
@@ -152,6 +152,30 @@ def test_a_cell_that_never_computed_is_not_healthy_while_saturated(tmp_path: Pat
     finally:
         server.stop()
     assert status == 503 and "every kernel is busy, and no computation has succeeded" in json.loads(body)["error"]
+
+
+def test_a_starved_cell_answers_its_probes_within_a_check_timeout(tmp_path: Path) -> None:
+    # A frozen provider stands for a cell too starved to start a kernel: with no reserve, the refreshing
+    # computation waits for one past HEALTH_TIMEOUT_SECONDS. Probes that waited on it timed out in HAProxy
+    # (10 s), which took every starved cell out at once.
+    settings = tmp_path / "cellserver.toml"
+    settings.write_text("health_max_age = 0\n")
+    server = compute_server(tmp_path, "--config", str(settings), "--max-kernels", "2", "--preforked", "0")
+    server.start()
+    try:
+        assert server.request("POST", "/service", {"code": "print(1)"})[0] == 200
+        provider = provider_of(server)
+        os.kill(provider, signal.SIGSTOP)
+        try:
+            answers = []
+            until = time.monotonic() + HEALTH_TIMEOUT_SECONDS + 10
+            while time.monotonic() < until:
+                answers.append(server.request("GET", "/health", timeout=PROBE_PATIENCE_SECONDS + 2)[:3:2])
+        finally:
+            os.kill(provider, signal.SIGCONT)
+    finally:
+        server.stop()
+    assert all(status == 200 for status, _body in answers), answers
 
 
 def provider_of(server: Service) -> int:

@@ -26,6 +26,9 @@ HEALTH_TIMEOUT_SECONDS = 10.0
 # counts as alive on its last success: a saturated or starved cell serves late, and taking it out of rotation
 # sends its load to its peers, which then starve in turn.
 SLOW_CELL_SECONDS = 60.0
+# Longest a probe waits for a running health computation: well inside a load balancer's check timeout
+# (haproxy_check_timeout), so a starved cell answers its checks instead of timing them out.
+PROBE_PATIENCE_SECONDS = 4.0
 
 
 async def execute(kernel: Kernel, code: str, user_expressions: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -156,7 +159,8 @@ class HealthProbe:
     While that computation runs, probes get the previous result at once (for up to HEALTH_TIMEOUT_SECONDS
     more) instead of waiting for it: a probe that waits on a computation holds its connection open, and a
     load balancer only notices that a VM is gone once such an in-flight probe times out (seconds, not one
-    check interval). Past that, probes wait for the computation, which ends within HEALTH_TIMEOUT_SECONDS.
+    check interval). Past that, probes wait for the computation, for PROBE_PATIENCE_SECONDS at most: one that
+    has not answered by then is judged as a slow one.
 
     A user's computation that succeeded proves the same as the probe's own, so it counts as the recent
     result: a busy cell spends no kernels on probes (on the lab's emulated cells they were a kernel start
@@ -185,7 +189,11 @@ class HealthProbe:
             self._running.add_done_callback(self._forget)
         if last and age < self.max_age + HEALTH_TIMEOUT_SECONDS:
             return last[1]
-        return await asyncio.shield(self._running)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._running), PROBE_PATIENCE_SECONDS)
+        except asyncio.TimeoutError:
+            silence = f"for {age:.0f} s" if last else "yet"
+            return self._judge(Verdict(f"no health computation has answered {silence}", False))
 
     def witness(self, answer: dict[str, Any]) -> None:
         """A user's computation just ended with this answer."""
