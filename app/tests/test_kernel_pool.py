@@ -22,11 +22,12 @@ from cellserver.kernels import (
     Kernel,
     KernelPool,
     KernelsBusyError,
+    KernelSilentError,
     KernelStartError,
     PoolSettings,
     wait_for_answers,
 )
-from cellserver.service import evaluate_quietly, execute
+from cellserver.service import HealthProbe, evaluate_quietly, execute
 
 
 class InstantProvider:
@@ -369,3 +370,44 @@ def test_a_kernel_that_dies_while_its_provider_is_stopped_ends_its_computation_a
     answer, took = asyncio.run(computation_whose_kernel_dies_while_its_provider_is_stopped())
     assert answer["execute_reply"]["ename"] == "KernelDied", answer
     assert took < 5, f"the computation answered {took:.1f} s after its kernel died"
+
+
+class PoolWhoseKernelsDoNotStart(PoolOfStubKernels):
+    """Every kernel start ends in the given error: silent past the start timeout, or broken."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(PoolSettings(max_kernels=2, preforked=0))
+        self.error = error
+
+    async def _start_kernel(self) -> Kernel:
+        await asyncio.sleep(0)
+        raise self.error
+
+
+async def health_after_failed_starts(error: Exception, succeeded_before: bool) -> str | None:
+    pool = PoolWhoseKernelsDoNotStart(error)
+    await pool.start()
+    probe = HealthProbe(pool, max_age=0)
+    if succeeded_before:
+        probe.witness({"success": True})
+    probe._last = None  # the success's result is spent: the next probe computes
+    try:
+        return await probe.failure()
+    finally:
+        await pool.stop()
+
+
+@pytest.mark.parametrize("succeeded_before", [True, False])
+def test_a_kernel_slow_to_start_is_a_slow_cell_not_a_broken_one(succeeded_before: bool) -> None:
+    # Kernel starts time out on a cell starved by its own computations; calling that broken took every such
+    # cell out of the load balancer at once.
+    failure = asyncio.run(health_after_failed_starts(KernelSilentError("silent"), succeeded_before))
+    if succeeded_before:
+        assert failure is None
+    else:
+        assert failure is not None and "slow to start" in failure and "no computation has succeeded" in failure
+
+
+def test_a_kernel_that_cannot_start_makes_the_cell_unhealthy_at_once() -> None:
+    failure = asyncio.run(health_after_failed_starts(RuntimeError("exited"), succeeded_before=True))
+    assert failure is not None and "failed to start" in failure

@@ -210,6 +210,13 @@ class KernelCgroups:
             (path / "cgroup.kill").write_text("1")
 
     @staticmethod
+    def task_count(path: Path) -> int:
+        try:
+            return int((path / "pids.current").read_text())
+        except FileNotFoundError:
+            return 0
+
+    @staticmethod
     def is_empty(path: Path) -> bool:
         try:
             return "populated 0" in (path / "cgroup.events").read_text()

@@ -95,7 +95,10 @@ log = logging.getLogger("cellserver.kernel_provider")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RETAIN_SWEEP_SECONDS = 30.0  # how often expired retained files are looked for
 BOX_POLL_SECONDS = 0.01  # how often a killed box is checked for its last process
-BOX_DEATH_SECONDS = 5.0  # a box still populated this long after cgroup.kill goes to the full reset
+# A killed box whose task count has not dropped for this long goes to the full reset. A box that still empties
+# is left to finish: a starved cell takes long to end a fork bomb's tasks, and the full reset run meanwhile
+# (a filesystem walk, restorecon) starved it further.
+BOX_DEATH_SECONDS = 5.0
 PARALLEL_RESETS = 1  # full resets at once: each is a filesystem walk that a starved cell pays for in seconds
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
@@ -156,6 +159,8 @@ class KernelRecord:
     box: Box | None = None
     release_id: Any = None  # the request to answer once the worker is clean
     released_at: float = 0.0  # when its release began: the clock of release-to-reusable
+    box_tasks: int | None = None  # tasks last seen in its killed box
+    box_emptying_at: float = 0.0  # when that count last dropped (or the release began)
 
 
 @dataclass
@@ -427,6 +432,15 @@ class Provider:
             raise
         return Box(cgroup, self.network_namespace)
 
+    def box_still_emptying(self, record: KernelRecord) -> bool:
+        """Whether the killed box's task count dropped within BOX_DEATH_SECONDS."""
+        assert record.box is not None and self.cgroups is not None
+        tasks = self.cgroups.task_count(record.box.cgroup)
+        now = time.monotonic()
+        if record.box_tasks is None or tasks < record.box_tasks:
+            record.box_tasks, record.box_emptying_at = tasks, max(now, record.released_at)
+        return now - record.box_emptying_at <= BOX_DEATH_SECONDS
+
     def throw_box_away(self, worker: Worker, box: Box | None) -> bool:
         """Remove an emptied box: its cgroup and the worker's tmpfs home; False while a process remains."""
         if box is None or self.cgroups is None:
@@ -522,7 +536,7 @@ class Provider:
                 reusable_ms = (time.monotonic() - record.released_at) * 1000
                 log.info("%s reusable %.1f ms after its kernel's release", record.worker.name, reusable_ms)
                 self.finish_release(record, record.worker, clean=True)
-            elif time.monotonic() - record.released_at > BOX_DEATH_SECONDS:
+            elif not self.box_still_emptying(record):
                 del self.dying[kernel_id]
                 log.error("kernel %s: its box still holds processes after cgroup.kill", kernel_id)
                 self.queue_reset(record.worker, record)

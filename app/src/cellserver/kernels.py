@@ -232,7 +232,11 @@ async def wait_for_answers(client: AsyncKernelClient, timeout: float) -> None:
         except queue.Empty:
             continue  # subscribed too late for this reply's status messages: ask again
         return
-    raise RuntimeError(f"the kernel did not answer within {timeout:g} s")
+    raise KernelSilentError(f"the kernel did not answer within {timeout:g} s")
+
+
+class KernelSilentError(RuntimeError):
+    """A started kernel gave no answer within its start timeout: on a starved machine, a slow start."""
 
 
 class KernelsBusyError(Exception):
@@ -243,6 +247,10 @@ class KernelStartError(KernelsBusyError):
     """A slot was free but its kernel did not start (it exited, or a starved machine kept it silent past the
     start timeout). Not saturation: told apart so an operator does not add kernels to a machine that cannot
     start one. A KernelsBusyError still, so a caller that only refuses (a 503 either way) needs no change."""
+
+
+class KernelSlowStartError(KernelStartError):
+    """The kernel started but stayed silent past the start timeout: the machine is starved, not broken."""
 
 
 @dataclass(frozen=True)
@@ -395,6 +403,9 @@ class KernelPool:
                     if not error.busy:
                         log.error("starting a kernel on demand failed: %s", error)
                         raise KernelStartError(str(error)) from error
+                except KernelSilentError as error:
+                    log.error("starting a kernel on demand failed: %s", error)
+                    raise KernelSlowStartError(str(error)) from error
                 except Exception as error:
                     log.error("starting a kernel on demand failed: %s", error)
                     raise KernelStartError(str(error)) from error

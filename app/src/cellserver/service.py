@@ -16,7 +16,7 @@ import tornado.web
 from cellserver import computation_log
 from cellserver.config import ServerConfig
 from cellserver.handlers import JSONErrorHandler, NotFoundHandler, PublicAPIHandler
-from cellserver.kernels import Kernel, KernelPool, KernelsBusyError, KernelStartError
+from cellserver.kernels import Kernel, KernelPool, KernelsBusyError, KernelSlowStartError, KernelStartError
 from cellserver.permalinks import PermalinkStore
 from cellserver.sessions import SessionManager
 
@@ -167,7 +167,8 @@ class HealthProbe:
     every 5 s each, while they served). Failed ones do not count: user code fails for reasons of its own.
 
     A wrong answer or a kernel that cannot start makes the cell unhealthy at once. A computation that could
-    not run because every kernel is busy, or that did not answer in time, proves nothing either way: the cell
+    not run because every kernel is busy, whose kernel started but stayed silent past the start timeout, or
+    that did not answer in time, proves nothing either way: the cell
     stays healthy on its last success for SLOW_CELL_SECONDS, and only then is it called unhealthy.
     """
 
@@ -242,6 +243,8 @@ class HealthProbe:
             return Verdict(None if value == expected else f"a reserve kernel answered {value!r}, not {expected}")
         try:
             kernel = await self.pool.acquire()
+        except KernelSlowStartError as error:
+            return Verdict(f"a kernel was slow to start: {error}", False)
         except KernelStartError as error:
             return Verdict(f"a kernel failed to start: {error}")
         except KernelsBusyError:
