@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from cellserver.config import ServerConfig
 from cellserver.kernels import (
     IOPUB_PATIENCE_SECONDS,
     KERNEL_INFO_PATIENCE_SECONDS,
@@ -27,7 +28,7 @@ from cellserver.kernels import (
     PoolSettings,
     wait_for_answers,
 )
-from cellserver.service import HealthProbe, evaluate_quietly, execute
+from cellserver.service import HealthProbe, evaluate_quietly, execute, slow_cell_seconds
 
 
 class InstantProvider:
@@ -384,12 +385,16 @@ class PoolWhoseKernelsDoNotStart(PoolOfStubKernels):
         raise self.error
 
 
-async def health_after_failed_starts(error: Exception, succeeded_before: bool) -> str | None:
+async def health_after_failed_starts(
+    error: Exception, succeeded_before: bool, seconds_ago: float = 0, config: ServerConfig | None = None
+) -> str | None:
     pool = PoolWhoseKernelsDoNotStart(error)
     await pool.start()
-    probe = HealthProbe(pool, max_age=0)
+    probe = HealthProbe(pool, max_age=0, slow_seconds=slow_cell_seconds(config or ServerConfig()))
     if succeeded_before:
         probe.witness({"success": True})
+        assert probe._last_success is not None
+        probe._last_success -= seconds_ago
     probe._last = None  # the success's result is spent: the next probe computes
     try:
         return await probe.failure()
@@ -411,3 +416,12 @@ def test_a_kernel_slow_to_start_is_a_slow_cell_not_a_broken_one(succeeded_before
 def test_a_kernel_that_cannot_start_makes_the_cell_unhealthy_at_once() -> None:
     failure = asyncio.run(health_after_failed_starts(RuntimeError("exited"), succeeded_before=True))
     assert failure is not None and "failed to start" in failure
+
+
+@pytest.mark.parametrize(("timeout", "healthy"), [(30, False), (90, True)])
+def test_a_cell_busy_with_long_computations_stays_healthy_as_long_as_they_may_run(timeout: int, healthy: bool) -> None:
+    # A burst of computations that each run to a 90 s limit leaves a cell no success for over a minute: a
+    # fixed 60 s took every such cell out of the load balancer at once.
+    config = ServerConfig(timeout=timeout)
+    failure = asyncio.run(health_after_failed_starts(KernelSilentError("silent"), True, 80, config))
+    assert (failure is None) == healthy, failure

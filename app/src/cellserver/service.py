@@ -22,9 +22,10 @@ from cellserver.sessions import SessionManager
 
 RETRY_AFTER_SECONDS = 5
 HEALTH_TIMEOUT_SECONDS = 10.0
-# How long a cell whose health computation could not run (every kernel busy) or did not answer in time still
-# counts as alive on its last success: a saturated or starved cell serves late, and taking it out of rotation
-# sends its load to its peers, which then starve in turn.
+# How long, at least, a cell whose health computation could not run (every kernel busy) or did not answer in
+# time still counts as alive on its last success: a saturated or starved cell serves late, and taking it out of
+# rotation sends its load to its peers, which then starve in turn. A cell whose timeout is longer gets longer
+# (slow_cell_seconds).
 SLOW_CELL_SECONDS = 60.0
 # Longest a probe waits for a running health computation: well inside a load balancer's check timeout
 # (haproxy_check_timeout), so a starved cell answers its checks instead of timing them out.
@@ -150,6 +151,12 @@ class Verdict:
     conclusive: bool = True
 
 
+def slow_cell_seconds(config: ServerConfig) -> float:
+    """How long a busy cell may go without a successful computation: one whose every kernel runs a computation
+    to its wall limit, and then starts a fresh kernel, shows none for that long and is still serving."""
+    return max(SLOW_CELL_SECONDS, config.timeout + config.kernel_start_timeout)
+
+
 class HealthProbe:
     """One real computation, shared: load balancers probe every second, a kernel per probe would be a load
     of its own. A result younger than max_age answers; an older one starts a fresh computation: a reserve
@@ -169,12 +176,13 @@ class HealthProbe:
     A wrong answer or a kernel that cannot start makes the cell unhealthy at once. A computation that could
     not run because every kernel is busy, whose kernel started but stayed silent past the start timeout, or
     that did not answer in time, proves nothing either way: the cell
-    stays healthy on its last success for SLOW_CELL_SECONDS, and only then is it called unhealthy.
+    stays healthy on its last success for slow_seconds, and only then is it called unhealthy.
     """
 
-    def __init__(self, pool: KernelPool, max_age: float) -> None:
+    def __init__(self, pool: KernelPool, max_age: float, slow_seconds: float = SLOW_CELL_SECONDS) -> None:
         self.pool = pool
         self.max_age = max_age
+        self.slow_seconds = slow_seconds
         self._last: tuple[float, str | None] | None = None  # (finished at, failure or None)
         self._last_success: float | None = None
         self._running: asyncio.Future[str | None] | None = None
@@ -226,9 +234,9 @@ class HealthProbe:
         if verdict.conclusive:
             return verdict.failure
         since = time.monotonic() - self._last_success if self._last_success is not None else math.inf
-        if since < SLOW_CELL_SECONDS:
+        if since < self.slow_seconds:
             return None
-        return f"{verdict.failure}, and no computation has succeeded for {SLOW_CELL_SECONDS:.0f} s"
+        return f"{verdict.failure}, and no computation has succeeded for {self.slow_seconds:.0f} s"
 
     async def _compute_once(self) -> Verdict:
         expression, expected = probe_sum()
@@ -309,7 +317,7 @@ def make_app(
         assert permalink_store is not None
         permalinks = permalink_routes(permalink_store, paths=("/permalink",))
         source = page.PermalinkSource(store=permalink_store)
-    health = HealthProbe(pool, config.health_max_age)
+    health = HealthProbe(pool, config.health_max_age, slow_cell_seconds(config))
     terms = Path(config.tos_file).read_text() if config.tos_file else ""
     return tornado.web.Application(
         [
