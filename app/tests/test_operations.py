@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -163,16 +164,11 @@ def test_a_starved_cell_answers_its_probes_within_a_check_timeout(tmp_path: Path
     server = compute_server(tmp_path, "--config", str(settings), "--max-kernels", "2", "--preforked", "0")
     server.start()
     try:
-        assert server.request("POST", "/service", {"code": "print(1)"})[0] == 200
-        provider = provider_of(server)
-        os.kill(provider, signal.SIGSTOP)
-        try:
+        with provider_frozen_after_a_success(server):
             answers = []
             until = time.monotonic() + HEALTH_TIMEOUT_SECONDS + 10
             while time.monotonic() < until:
                 answers.append(server.request("GET", "/health", timeout=PROBE_PATIENCE_SECONDS + 2)[:3:2])
-        finally:
-            os.kill(provider, signal.SIGCONT)
     finally:
         server.stop()
     assert all(status == 200 for status, _body in answers), answers
@@ -185,18 +181,25 @@ def provider_of(server: Service) -> int:
     return int(child)
 
 
+@contextlib.contextmanager
+def provider_frozen_after_a_success(server: Service) -> Iterator[None]:
+    """The server has computed once; its provider is stopped meanwhile, as on a cell too starved to run it."""
+    assert server.request("POST", "/service", {"code": "print(1)"})[0] == 200
+    provider = provider_of(server)
+    os.kill(provider, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(provider, signal.SIGCONT)
+
+
 def test_a_successful_computation_is_the_health_evidence(tmp_path: Path) -> None:
     # No kernel reserve and a frozen provider: a probe that needed its own computation could not be answered.
     server = compute_server(tmp_path, "--max-kernels", "1", "--preforked", "0")
     server.start()
     try:
-        assert server.request("POST", "/service", {"code": "print(1)"})[0] == 200
-        provider = provider_of(server)
-        os.kill(provider, signal.SIGSTOP)
-        try:
+        with provider_frozen_after_a_success(server):
             status, _headers, body = server.request("GET", "/health", timeout=5)
-        finally:
-            os.kill(provider, signal.SIGCONT)
     finally:
         server.stop()
     assert status == 200 and json.loads(body) == {"healthy": True}
