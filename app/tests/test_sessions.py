@@ -82,7 +82,7 @@ async def read_to_idle(connection: WebSocketClientConnection, request: dict[str,
         assert text is not None, f"closed after {messages}"
         message = json.loads(text)
         messages.append(message)
-        assert message["parent_header"]["msg_id"] == request["header"]["msg_id"], message
+        assert message["parent_header"].get("msg_id") == request["header"]["msg_id"], message
         replied = replied or message["msg_type"].endswith("_reply")
         idle = idle or message["content"].get("execution_state") == "idle"
     return messages
