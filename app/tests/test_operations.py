@@ -112,11 +112,16 @@ def test_health_probes_do_not_wait_for_a_refresh(tmp_path: Path) -> None:
     assert seconds < 1.0, "probes waited for the refreshing computation"
 
 
-def saturated_server(tmp_path: Path) -> Service:
-    """One kernel slot and a fresh health computation for every probe (max age 0)."""
+def freshly_probed_server(tmp_path: Path, max_kernels: int) -> Service:
+    """No kernel reserve and a fresh health computation for every probe (max age 0)."""
     settings = tmp_path / "cellserver.toml"
     settings.write_text("health_max_age = 0\n")
-    return compute_server(tmp_path, "--config", str(settings), "--max-kernels", "1", "--preforked", "0")
+    return compute_server(tmp_path, "--config", str(settings), "--max-kernels", str(max_kernels), "--preforked", "0")
+
+
+def saturated_server(tmp_path: Path) -> Service:
+    """One kernel slot, no reserve, a fresh health computation for every probe."""
+    return freshly_probed_server(tmp_path, max_kernels=1)
 
 
 def hold_the_only_kernel(server: Service) -> None:
@@ -159,9 +164,7 @@ def test_a_starved_cell_answers_its_probes_within_a_check_timeout(tmp_path: Path
     # A frozen provider stands for a cell too starved to start a kernel: with no reserve, the refreshing
     # computation waits for one past HEALTH_TIMEOUT_SECONDS. Probes that waited on it timed out in HAProxy
     # (10 s), which took every starved cell out at once.
-    settings = tmp_path / "cellserver.toml"
-    settings.write_text("health_max_age = 0\n")
-    server = compute_server(tmp_path, "--config", str(settings), "--max-kernels", "2", "--preforked", "0")
+    server = freshly_probed_server(tmp_path, max_kernels=2)
     server.start()
     try:
         with provider_frozen_after_a_success(server):

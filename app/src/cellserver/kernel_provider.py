@@ -160,7 +160,7 @@ class KernelRecord:
     release_id: Any = None  # the request to answer once the worker is clean
     released_at: float = 0.0  # when its release began: the clock of release-to-reusable
     box_tasks: int | None = None  # tasks last seen in its killed box
-    box_emptying_at: float = 0.0  # when that count last dropped (or the release began)
+    box_emptying_at: float = 0.0  # when that count was first seen or last dropped
 
 
 @dataclass
@@ -438,7 +438,7 @@ class Provider:
         tasks = self.cgroups.task_count(record.box.cgroup)
         now = time.monotonic()
         if record.box_tasks is None or tasks < record.box_tasks:
-            record.box_tasks, record.box_emptying_at = tasks, max(now, record.released_at)
+            record.box_tasks, record.box_emptying_at = tasks, now
         return now - record.box_emptying_at <= BOX_DEATH_SECONDS
 
     def throw_box_away(self, worker: Worker, box: Box | None) -> bool:

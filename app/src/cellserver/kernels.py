@@ -403,12 +403,10 @@ class KernelPool:
                     if not error.busy:
                         log.error("starting a kernel on demand failed: %s", error)
                         raise KernelStartError(str(error)) from error
-                except KernelSilentError as error:
-                    log.error("starting a kernel on demand failed: %s", error)
-                    raise KernelSlowStartError(str(error)) from error
                 except Exception as error:
                     log.error("starting a kernel on demand failed: %s", error)
-                    raise KernelStartError(str(error)) from error
+                    slow = isinstance(error, KernelSilentError)
+                    raise (KernelSlowStartError if slow else KernelStartError)(str(error)) from error
                 finally:
                     self._launching.discard(ticket)
             remaining = deadline - time.monotonic()

@@ -175,8 +175,8 @@ class HealthProbe:
 
     A wrong answer or a kernel that cannot start makes the cell unhealthy at once. A computation that could
     not run because every kernel is busy, whose kernel started but stayed silent past the start timeout, or
-    that did not answer in time, proves nothing either way: the cell
-    stays healthy on its last success for slow_seconds, and only then is it called unhealthy.
+    that did not answer in time, proves nothing either way: the cell stays healthy on its last success for
+    slow_seconds, and only then is it called unhealthy.
     """
 
     def __init__(self, pool: KernelPool, max_age: float, slow_seconds: float = SLOW_CELL_SECONDS) -> None:
