@@ -24,6 +24,7 @@ from cellserver.kernels import (
     KernelPool,
     KernelsBusyError,
     KernelSilentError,
+    KernelSlowStartError,
     KernelStartError,
     PoolSettings,
     wait_for_answers,
@@ -205,6 +206,86 @@ def test_a_kernel_that_never_answers_is_given_up_at_the_start_timeout() -> None:
     with pytest.raises(RuntimeError, match=r"did not answer within 2\.5 s"):
         asyncio.run(wait_for_answers(client, timeout=2.5))  # type: ignore[arg-type]
     assert 2.5 <= time.monotonic() - started < 3.0
+
+
+class LateClient(ScriptedClient):
+    """A kernel on a starved machine: silent for silent_requests kernel_info requests (a second each), then
+    it answers."""
+
+    def __init__(self, silent_requests: int) -> None:
+        super().__init__(silent_requests, unsubscribed_requests=0)
+        self.stopped = False
+
+    def stop_channels(self) -> None:
+        self.stopped = True
+
+
+class PoolOfLateKernels(KernelPool):
+    """The pool's own start, with a provider that answers at once and kernels that answer late."""
+
+    def __init__(self, settings: PoolSettings, silent_requests: int) -> None:
+        super().__init__(settings)
+        self.provider = InstantProvider()  # type: ignore[assignment]
+        self.silent_requests = silent_requests
+        self.started: list[str] = []
+
+    async def _ask_for_a_kernel(self) -> dict[str, Any]:
+        self.started.append(f"k{len(self.started)}")
+        return {"kernel_id": self.started[-1], "pid": os.getpid(), "worker": None, "connection": {}}
+
+    def _connect(self, connection: dict[str, Any]) -> LateClient:  # type: ignore[override]
+        return LateClient(self.silent_requests)
+
+
+async def acquire_twice_from_late_kernels(silent_requests: int) -> tuple[list[str], PoolOfLateKernels]:
+    """Two requests, one after the other, to a one-kernel pool whose kernels answer after the start timeout:
+    what each got, and the pool once it stopped."""
+    pool = PoolOfLateKernels(PoolSettings(max_kernels=1, preforked=0, start_timeout=2.0), silent_requests)
+    await pool.start()
+    outcomes = []
+    for _ in range(2):
+        try:
+            kernel = await pool.acquire()
+        except KernelsBusyError as refused:
+            outcomes.append(type(refused).__name__)
+        else:
+            outcomes.append(kernel.kernel_id)
+            pool.release(kernel)
+    await pool.stop()
+    return outcomes, pool
+
+
+def test_a_kernel_that_answers_after_the_start_timeout_serves_the_next_request() -> None:
+    # On a starved cell a start often runs a few seconds past its timeout. Killing such a kernel threw its
+    # start away, and the next request paid for a whole new start on the same starved machine.
+    outcomes, pool = asyncio.run(acquire_twice_from_late_kernels(silent_requests=3))
+    assert outcomes == ["KernelSlowStartError", "k0"]
+    assert pool.started == ["k0"]
+    assert pool.provider.released == ["k0"]  # type: ignore[attr-defined]
+
+
+def test_a_kernel_that_never_answers_is_released_after_its_late_patience() -> None:
+    outcomes, pool = asyncio.run(acquire_twice_from_late_kernels(silent_requests=1000))
+    assert outcomes == ["KernelSlowStartError", "KernelSlowStartError"]
+    assert pool.started == ["k0", "k1"]
+    assert pool.provider.released == ["k0", "k1"]  # type: ignore[attr-defined]
+    assert pool._live == 0
+
+
+async def stop_during_a_late_start() -> tuple[float, PoolOfLateKernels]:
+    pool = PoolOfLateKernels(PoolSettings(max_kernels=1, preforked=0, start_timeout=1.0), silent_requests=1000)
+    await pool.start()
+    with pytest.raises(KernelSlowStartError):
+        await pool.acquire()
+    started = time.monotonic()
+    await pool.stop()
+    return time.monotonic() - started, pool
+
+
+def test_a_stop_releases_a_late_kernel_at_once() -> None:
+    took, pool = asyncio.run(stop_during_a_late_start())
+    assert pool.provider.released == ["k0"]  # type: ignore[attr-defined]
+    assert took < 1.0, f"stop waited {took:.1f} s for a late kernel"
 
 
 class ProviderThatHangs(InstantProvider):

@@ -52,6 +52,11 @@ RECONNECT_MAX_MILLISECONDS = 100
 KERNEL_INFO_PATIENCE_SECONDS = 1.0  # before asking a starting kernel again
 IOPUB_PATIENCE_SECONDS = 0.2  # for the first output message, which shows the output channel is subscribed
 FILE_PATIENCE_SECONDS = 10.0  # for the provider to open a kernel's file
+# A kernel silent at the start timeout on a starved machine is most often close to answering: the request that
+# asked for it is refused then, but the kernel keeps its slot and joins the reserve once it answers, up to
+# this many start timeouts in all. Killing it would throw its start away, and the next request would pay for
+# a whole new one on the same starved machine.
+LATE_START_PATIENCE_FACTOR = 2.0
 
 
 def remove_stale_runtime_dirs() -> None:
@@ -337,6 +342,8 @@ class KernelPool:
         self._releases: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._refilling = 0  # reserve kernels being started right now
+        # Kernels past the start timeout, still awaited: the task adopting each, and its kernel's readiness.
+        self._late_starts: dict[asyncio.Task[None], asyncio.Future[None]] = {}
         self._waiters: list[object] = []  # requests waiting for a kernel, oldest first
         self._launching: set[object] = set()  # those of them starting their own kernel right now
         self._borrowed = 0  # reserve kernels lent to the health probe, coming back to the reserve
@@ -361,6 +368,8 @@ class KernelPool:
         # ends after its current start and hands back what it started.
         self._stopping = True
         self._wakeup.set()
+        for readiness in self._late_starts.values():
+            readiness.cancel()  # its adopting task releases the kernel (a task cancelled itself may never run)
         while not self._ready.empty():
             self.release(self._ready.get_nowait())
         # Computations still running get their answer out first: once the server exits, their requests are
@@ -384,7 +393,7 @@ class KernelPool:
         deadline = arrived + self.settings.acquire_wait
         while True:
             self._refuse_if_the_provider_stalled()
-            if self._place_in_line(ticket) < self._refilling:
+            if self._place_in_line(ticket) < self._refilling + len(self._late_starts):
                 # One of the kernels on their way to the reserve will be this request's: worth waiting for, as
                 # long as a start may take from this request's arrival. Requests beyond those kernels are
                 # overload, which answers 503 after the short wait, not a queue.
@@ -403,10 +412,12 @@ class KernelPool:
                     if not error.busy:
                         log.error("starting a kernel on demand failed: %s", error)
                         raise KernelStartError(str(error)) from error
+                except KernelSilentError as error:
+                    log.warning("a kernel started on demand is late: %s; it goes to the reserve if it answers", error)
+                    raise KernelSlowStartError(str(error)) from error
                 except Exception as error:
                     log.error("starting a kernel on demand failed: %s", error)
-                    slow = isinstance(error, KernelSilentError)
-                    raise (KernelSlowStartError if slow else KernelStartError)(str(error)) from error
+                    raise KernelStartError(str(error)) from error
                 finally:
                     self._launching.discard(ticket)
             remaining = deadline - time.monotonic()
@@ -461,7 +472,8 @@ class KernelPool:
     def _reserve_on_its_way(self) -> bool:
         """A kernel is starting for the reserve, or the refill will start one (it has a free slot to)."""
         below = self._ready.qsize() + self._borrowed < self.settings.preforked
-        return self._refilling > 0 or (below and self._live < self.max_kernels and not self._stopping)
+        on_its_way = self._refilling + len(self._late_starts)
+        return on_its_way > 0 or (below and self._live < self.max_kernels and not self._stopping)
 
     def give_back(self, kernel: Kernel, usable: bool) -> None:
         self._borrowed -= 1
@@ -512,23 +524,66 @@ class KernelPool:
 
     async def _start_kernel(self) -> Kernel:
         answer = await self._ask_for_a_kernel()
-        client = AsyncKernelClient(context=client_context())
-        client.load_connection_info(answer["connection"])
-        # No heartbeat channel: it declares a kernel dead after one silent second, which a busy machine (or an
-        # emulated one) reaches while the kernel is fine. Deaths come from the provider, which reaps the pid.
-        client.start_channels(hb=False)
+        answered_at = time.monotonic()
+        client = self._connect(answer["connection"])
         died = self.provider.deaths.setdefault(answer["kernel_id"], asyncio.Event())
         kernel = Kernel(answer["kernel_id"], answer["pid"], answer["worker"], client, died)
         self._watch_exit(kernel)
+        patience = self.settings.start_timeout * LATE_START_PATIENCE_FACTOR
+        ready = asyncio.ensure_future(self._wait_until_ready(kernel, patience))
         try:
-            await self._wait_until_ready(kernel)
+            done, _pending = await asyncio.wait({ready}, timeout=self.settings.start_timeout)
+            if not done:
+                self._live += 1  # _launch gives the slot back for a failed start; the late kernel keeps it
+                self._adopt_when_ready(kernel, ready, answered_at)
+                raise KernelSilentError(f"the kernel did not answer within {self.settings.start_timeout:g} s")
+            ready.result()
+        except KernelSilentError:
+            raise
         except BaseException:
+            ready.cancel()
             # The slot stays counted until the provider has released it (and reset its worker).
             self._live += 1
             self.release(kernel)
             raise
         kernel.ready_since = time.monotonic()
         return kernel
+
+    @staticmethod
+    def _connect(connection: dict[str, Any]) -> AsyncKernelClient:
+        client = AsyncKernelClient(context=client_context())
+        client.load_connection_info(connection)
+        # No heartbeat channel: it declares a kernel dead after one silent second, which a busy machine (or an
+        # emulated one) reaches while the kernel is fine. Deaths come from the provider, which reaps the pid.
+        client.start_channels(hb=False)
+        return client
+
+    def _adopt_when_ready(self, kernel: Kernel, ready: asyncio.Future[None], answered_at: float) -> None:
+        task = asyncio.create_task(self._adopt_late_kernel(kernel, ready, answered_at))
+        self._late_starts[task] = ready
+        task.add_done_callback(self._late_start_ended)
+
+    def _late_start_ended(self, task: asyncio.Task[None]) -> None:
+        self._late_starts.pop(task, None)
+        self._wakeup.set()
+
+    async def _adopt_late_kernel(self, kernel: Kernel, ready: asyncio.Future[None], answered_at: float) -> None:
+        """The reserve gets a kernel that answered after its start timeout; one that never does is released."""
+        try:
+            await ready
+        except asyncio.CancelledError:
+            self.release(kernel)
+            raise
+        except Exception as error:
+            log.warning("kernel %s: given up %.0f s after the provider started it: %s", kernel.kernel_id,
+                        time.monotonic() - answered_at, error)  # fmt: skip
+            self.release(kernel)
+            return
+        log.warning("kernel %s answered %.1f s after the provider started it, past the start timeout (%g s); it "
+                    "joins the reserve", kernel.kernel_id, time.monotonic() - answered_at,
+                    self.settings.start_timeout)  # fmt: skip
+        kernel.ready_since = time.monotonic()
+        self._keep_in_reserve(kernel)
 
     def _watch_exit(self, kernel: Kernel) -> None:
         """Mark the kernel dead the moment its process exits, so a computation in it ends then, and wake the
@@ -573,13 +628,18 @@ class KernelPool:
             return
         self._release_in_background(asked.result()["kernel_id"])
 
-    async def _wait_until_ready(self, kernel: Kernel) -> None:
-        ready = asyncio.ensure_future(wait_for_answers(kernel.client, self.settings.start_timeout))
+    @staticmethod
+    async def _wait_until_ready(kernel: Kernel, timeout: float) -> None:
+        """Until the kernel answers, or KernelSilentError after timeout, or RuntimeError when it exits first."""
+        ready = asyncio.ensure_future(wait_for_answers(kernel.client, timeout))
         died = asyncio.ensure_future(kernel.died.wait())
-        await asyncio.wait({ready, died}, return_when=asyncio.FIRST_COMPLETED)
-        died.cancel()
-        if not ready.done():
-            ready.cancel()
+        try:
+            await asyncio.wait({ready, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Cancelled itself (the request went away, the pool stops), this leaves neither wait behind.
+            for waiter in (ready, died):
+                waiter.cancel()
+        if ready.cancelled():
             raise RuntimeError("the kernel exited while it started")
         ready.result()
 
@@ -590,7 +650,8 @@ class KernelPool:
             await self._wait_for_a_change(timeout=min(60.0, self.settings.idle_seconds))
             self._drop_dead_and_idle()
             while not self._stopping:
-                missing = self.settings.preforked - self._ready.qsize() - self._borrowed
+                on_its_way = self._ready.qsize() + self._borrowed + len(self._late_starts)
+                missing = self.settings.preforked - on_its_way
                 wanted = min(missing, self.max_kernels - self._live, REFILL_AT_ONCE)
                 if wanted <= 0 or self.provider_silent_for() > self.settings.start_timeout:
                     break  # nothing to start, or no start would be answered: the provider's answer wakes this
@@ -604,7 +665,9 @@ class KernelPool:
                         self._keep_in_reserve(result)
                 if any(isinstance(result, ProviderError) and result.busy for result in started):
                     break  # every worker is taken or being reset: the next release wakes this loop
-                failures = [result for result in started if isinstance(result, BaseException)]
+                # A late kernel is not a failure: it joins the reserve when it answers (_adopt_late_kernel).
+                failures = [result for result in started if isinstance(result, BaseException)
+                            and not isinstance(result, KernelSilentError)]  # fmt: skip
                 if failures:
                     log.error("starting %d preforked kernels failed: %s", len(failures), failures[0])
                     await asyncio.sleep(1)
