@@ -188,7 +188,7 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
     try:
         cell.wait_until_idle()
         # Each holder marks its home once it runs, then sleeps until just before the wall limit.
-        limit = int(cell.node.variables.get("cell_server_timeout", 30))
+        limit = int(cell.node.variables["cellfleet_computation_seconds"])
         hold = f"import os, time; open(os.path.expanduser('~/holding'), 'w').close(); time.sleep({limit - 1})"
         with ThreadPoolExecutor(1) as background:
             # One process on the cell sends them all at once (one SSH command and Python start each would
@@ -219,7 +219,7 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
 
 
 def test_the_wall_limit_and_the_memory_limit_hold(cell: Cell) -> None:
-    limit = int(cell.node.variables.get("cell_server_timeout", 30))
+    limit = int(cell.node.variables["cellfleet_computation_seconds"])
     started = time.monotonic()
     answer = cell.compute("import time; time.sleep(100000)")
     assert answer["body"]["execute_reply"]["ename"] == "TimeoutError"
