@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import getpass
 import json
 import logging
@@ -342,8 +343,7 @@ class KernelPool:
         self._releases: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._refilling = 0  # reserve kernels being started right now
-        # Kernels past the start timeout, still awaited: the task adopting each, and its kernel's readiness.
-        self._late_starts: dict[asyncio.Task[None], asyncio.Future[None]] = {}
+        self._late_starts: set[asyncio.Future[None]] = set()  # readiness of kernels past the start timeout
         self._waiters: list[object] = []  # requests waiting for a kernel, oldest first
         self._launching: set[object] = set()  # those of them starting their own kernel right now
         self._borrowed = 0  # reserve kernels lent to the health probe, coming back to the reserve
@@ -368,8 +368,8 @@ class KernelPool:
         # ends after its current start and hands back what it started.
         self._stopping = True
         self._wakeup.set()
-        for readiness in self._late_starts.values():
-            readiness.cancel()  # its adopting task releases the kernel (a task cancelled itself may never run)
+        for readiness in list(self._late_starts):
+            readiness.cancel()  # _late_start_settled releases its kernel
         while not self._ready.empty():
             self.release(self._ready.get_nowait())
         # Computations still running get their answer out first: once the server exits, their requests are
@@ -533,19 +533,19 @@ class KernelPool:
         ready = asyncio.ensure_future(self._wait_until_ready(kernel, patience))
         try:
             done, _pending = await asyncio.wait({ready}, timeout=self.settings.start_timeout)
-            if not done:
-                self._live += 1  # _launch gives the slot back for a failed start; the late kernel keeps it
-                self._adopt_when_ready(kernel, ready, answered_at)
-                raise KernelSilentError(f"the kernel did not answer within {self.settings.start_timeout:g} s")
-            ready.result()
-        except KernelSilentError:
-            raise
+            if done:
+                ready.result()
         except BaseException:
             ready.cancel()
             # The slot stays counted until the provider has released it (and reset its worker).
             self._live += 1
             self.release(kernel)
             raise
+        if not done:
+            self._live += 1  # _launch gives the slot back for a failed start; the late kernel keeps it
+            self._late_starts.add(ready)
+            ready.add_done_callback(functools.partial(self._late_start_settled, kernel, answered_at))
+            raise KernelSilentError(f"the kernel did not answer within {self.settings.start_timeout:g} s")
         kernel.ready_since = time.monotonic()
         return kernel
 
@@ -558,25 +558,17 @@ class KernelPool:
         client.start_channels(hb=False)
         return client
 
-    def _adopt_when_ready(self, kernel: Kernel, ready: asyncio.Future[None], answered_at: float) -> None:
-        task = asyncio.create_task(self._adopt_late_kernel(kernel, ready, answered_at))
-        self._late_starts[task] = ready
-        task.add_done_callback(self._late_start_ended)
-
-    def _late_start_ended(self, task: asyncio.Task[None]) -> None:
-        self._late_starts.pop(task, None)
+    def _late_start_settled(self, kernel: Kernel, answered_at: float, ready: asyncio.Future[None]) -> None:
+        """The reserve gets a kernel that answered after its start timeout; one that never does, or whose wait
+        a stopping pool cancelled, is released."""
+        self._late_starts.discard(ready)
         self._wakeup.set()
-
-    async def _adopt_late_kernel(self, kernel: Kernel, ready: asyncio.Future[None], answered_at: float) -> None:
-        """The reserve gets a kernel that answered after its start timeout; one that never does is released."""
-        try:
-            await ready
-        except asyncio.CancelledError:
+        if ready.cancelled():
             self.release(kernel)
-            raise
-        except Exception as error:
+            return
+        if ready.exception() is not None:
             log.warning("kernel %s: given up %.0f s after the provider started it: %s", kernel.kernel_id,
-                        time.monotonic() - answered_at, error)  # fmt: skip
+                        time.monotonic() - answered_at, ready.exception())  # fmt: skip
             self.release(kernel)
             return
         log.warning("kernel %s answered %.1f s after the provider started it, past the start timeout (%g s); it "
@@ -665,7 +657,7 @@ class KernelPool:
                         self._keep_in_reserve(result)
                 if any(isinstance(result, ProviderError) and result.busy for result in started):
                     break  # every worker is taken or being reset: the next release wakes this loop
-                # A late kernel is not a failure: it joins the reserve when it answers (_adopt_late_kernel).
+                # A late kernel is not a failure: it joins the reserve when it answers (_late_start_settled).
                 failures = [result for result in started if isinstance(result, BaseException)
                             and not isinstance(result, KernelSilentError)]  # fmt: skip
                 if failures:
