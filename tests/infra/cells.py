@@ -109,6 +109,22 @@ class Cell:
         assert found.rc == 0 or (found.rc == 1 and not errors), found
         return found.stdout
 
+    def reserve_kernels(self) -> set[str]:
+        """The pids of the kernels the provider runs as workers (with nobody computing: the reserve)."""
+        provider = main_pid(self.host, "cellfleet-kernel-provider")
+        children = [line.split() for line in self.host.run(f"ps -o pid=,uid= --ppid {provider}").stdout.splitlines()]
+        return {pid for pid, uid in children if int(uid) in self.uids}
+
+    def wait_for_full_reserve(self, patience: float = 120) -> set[str]:
+        """Wait until the provider holds its whole reserve of ready kernels (cell_server_preforked); their pids."""
+        wanted = int(self.node.variables.get("cell_server_preforked", 2))
+        deadline = time.monotonic() + patience
+        while len(kernels := self.reserve_kernels()) < wanted:
+            held = f"the reserve holds {len(kernels)} of {wanted} kernels after {patience} s"
+            assert time.monotonic() < deadline, held
+            time.sleep(1)
+        return kernels
+
     def wait_until_idle(self) -> None:
         """No worker still being reset from an earlier computation, so every slot can take one."""
         deadline = time.monotonic() + 60

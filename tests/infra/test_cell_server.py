@@ -228,31 +228,20 @@ def test_the_wall_limit_and_the_memory_limit_hold(cell: Cell) -> None:
     assert memory["execute_reply"]["ename"] == "MemoryError"
 
 
-def reserve_kernels(cell: Cell) -> set[str]:
-    """The pids of the kernels the provider runs as workers (with nobody computing: the reserve)."""
-    provider = main_pid(cell.host, "cellfleet-kernel-provider")
-    children = [line.split() for line in cell.host.run(f"ps -o pid=,uid= --ppid {provider}").stdout.splitlines()]
-    return {pid for pid, uid in children if int(uid) in cell.uids}
-
-
 def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> None:
     # A server that took every reserve kernel for dead released and restarted them without end: the idle
     # cell's whole CPU went on starting kernels, and every computation waited seconds for one.
-    wanted = int(cell.node.variables.get("cell_server_preforked", 2))
     fetch = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=60).read()"
     stop_health_checks(cell.host)
     try:
         cell.wait_until_idle()
-        deadline = time.monotonic() + 120
-        while len(kernels := reserve_kernels(cell)) < wanted:
-            assert time.monotonic() < deadline, f"the reserve holds {len(kernels)} of {wanted} kernels after 120 s"
-            time.sleep(1)
+        kernels = cell.wait_for_full_reserve()
         # /health refreshes (in a reserve kernel) once its answer is older than cell_server_health_max_age.
         max_age = float(cell.node.variables.get("cell_server_health_max_age", 5))
         for _ in range(4):
             cell.host.run_test(f"python3 -c {shlex.quote(fetch)}")
             time.sleep(max_age + 1)
-        after = reserve_kernels(cell)
+        after = cell.reserve_kernels()
     finally:
         start_health_checks(cell.host)
     assert after == kernels, f"reserve kernels {sorted(kernels)} became {sorted(after)} with nobody computing"
