@@ -391,7 +391,10 @@ class KernelPool:
     async def _acquire(self, ticket: object) -> Kernel:
         arrived = time.monotonic()
         deadline = arrived + self.settings.acquire_wait
+        own_start_late: KernelSilentError | None = None
         while True:
+            if self._stopping:
+                raise KernelsBusyError()
             self._refuse_if_the_provider_stalled()
             if self._place_in_line(ticket) < self._refilling + len(self._late_starts):
                 # One of the kernels on their way to the reserve will be this request's: worth waiting for, as
@@ -404,7 +407,9 @@ class KernelPool:
                 if self._still_running(kernel):
                     return kernel
                 continue
-            if self._live < self.max_kernels:
+            if own_start_late is not None and not (self._late_starts or self._refilling):
+                raise KernelSlowStartError(str(own_start_late)) from own_start_late  # nothing left to wait for
+            if self._live < self.max_kernels and own_start_late is None:
                 self._launching.add(ticket)
                 try:
                     return await self._launch()
@@ -413,8 +418,13 @@ class KernelPool:
                         log.error("starting a kernel on demand failed: %s", error)
                         raise KernelStartError(str(error)) from error
                 except KernelSilentError as error:
-                    log.warning("a kernel started on demand is late: %s; it goes to the reserve if it answers", error)
-                    raise KernelSlowStartError(str(error)) from error
+                    # Its kernel goes on starting for the reserve: on a starved cell it usually answers within
+                    # its late patience, which the proxies' answer timeout allows for. Starting another kernel
+                    # would only starve both.
+                    log.warning("a kernel started on demand is late: %s; the request waits for the reserve", error)
+                    own_start_late = error
+                    deadline = max(deadline, arrived + self.settings.start_timeout * LATE_START_PATIENCE_FACTOR)
+                    continue
                 except Exception as error:
                     log.error("starting a kernel on demand failed: %s", error)
                     raise KernelStartError(str(error)) from error
@@ -422,6 +432,8 @@ class KernelPool:
                     self._launching.discard(ticket)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if own_start_late is not None:
+                    raise KernelSlowStartError(str(own_start_late)) from own_start_late
                 raise KernelsBusyError()
             try:
                 # Short waits: a slot freed by a release (no reserve kernel comes of it) is seen soon too.
