@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from conftest import main_pid
+from labkit.waiting import until
 
 if TYPE_CHECKING:
     from testinfra.host import Host
@@ -118,11 +119,13 @@ class Cell:
     def wait_for_full_reserve(self, patience: float = 120) -> set[str]:
         """Wait until the provider holds its whole reserve of ready kernels (cell_server_preforked); their pids."""
         wanted = int(self.node.variables.get("cell_server_preforked", 2))
-        deadline = time.monotonic() + patience
-        while len(kernels := self.reserve_kernels()) < wanted:
-            held = f"the reserve holds {len(kernels)} of {wanted} kernels after {patience} s"
-            assert time.monotonic() < deadline, held
-            time.sleep(1)
+
+        def full_reserve() -> set[str]:
+            kernels = self.reserve_kernels()
+            return kernels if len(kernels) >= wanted else set()
+
+        kernels = until(full_reserve, patience, interval=1)
+        assert kernels, f"the reserve holds {len(self.reserve_kernels())} of {wanted} kernels after {patience} s"
         return kernels
 
     def wait_until_idle(self) -> None:

@@ -407,8 +407,6 @@ class KernelPool:
                 if self._still_running(kernel):
                     return kernel
                 continue
-            if own_start_late is not None and not (self._late_starts or self._refilling):
-                raise KernelSlowStartError(str(own_start_late)) from own_start_late  # nothing left to wait for
             if self._live < self.max_kernels and own_start_late is None:
                 self._launching.add(ticket)
                 try:
@@ -431,9 +429,9 @@ class KernelPool:
                 finally:
                     self._launching.discard(ticket)
             remaining = deadline - time.monotonic()
+            if own_start_late is not None and (remaining <= 0 or not (self._late_starts or self._refilling)):
+                raise KernelSlowStartError(str(own_start_late)) from own_start_late  # waited enough, or for nothing
             if remaining <= 0:
-                if own_start_late is not None:
-                    raise KernelSlowStartError(str(own_start_late)) from own_start_late
                 raise KernelsBusyError()
             try:
                 # Short waits: a slot freed by a release (no reserve kernel comes of it) is seen soon too.
