@@ -15,37 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
 from labkit.lab import ssh
+from labkit.sending import SCRIPTS, script_command
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "service_pooled.json"
-
-LOAD = r"""
-import json, sys, threading, time, urllib.parse, urllib.request
-port, concurrency, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-body = urllib.parse.urlencode({"code": "print(1+1)"}).encode()
-latencies, failures, lock = [], [], threading.Lock()
-deadline = time.monotonic() + seconds
-def client():
-    while time.monotonic() < deadline:
-        started = time.monotonic()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/service", data=body, timeout=120) as answer:
-                ok = json.load(answer)["stdout"] == "2\n"
-        except Exception as error:
-            ok = False
-        with lock:
-            (latencies if ok else failures).append(time.monotonic() - started)
-threads = [threading.Thread(target=client) for _ in range(concurrency)]
-for thread in threads: thread.start()
-for thread in threads: thread.join()
-print(json.dumps({"latencies": sorted(latencies), "failures": len(failures)}))
-"""
 
 # The slow path: the pool's full reset, for a box that did not empty after cgroup.kill.
 RESET_TIMING = (
@@ -88,17 +66,23 @@ UNPOOLED_STOP = (
 
 
 def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, float]]:
-    remote_load = f"python3 -c {shlex.quote(LOAD)}"
-    ssh(address, remote_load, str(port), "1", "5")  # warm-up: the preforked reserve fills
+    url = f"http://127.0.0.1:{port}/service"
+
+    def load(concurrency: int, seconds: float) -> dict[str, Any]:
+        spec = {"urls": [url], "method": "POST", "form": {"code": "print(1+1)"}, "expect": '"2\\n"',
+                "concurrency": concurrency, "seconds": seconds}  # fmt: skip
+        return json.loads(ssh(address, script_command(SCRIPTS / "http_load.py", json.dumps(spec))))
+
+    load(1, 5)  # warm-up: the preforked reserve fills
     results: dict[str, dict[str, float]] = {}
     for concurrency in (1, 8):
-        run = json.loads(ssh(address, remote_load, str(port), str(concurrency), str(seconds)))
+        run = load(concurrency, seconds)
         latencies = run["latencies"]
         results[f"concurrency {concurrency}"] = {
             "per_second": len(latencies) / seconds,
             "p50_ms": percentile(latencies, 0.5) * 1000,
             "p90_ms": percentile(latencies, 0.9) * 1000,
-            "failures": run["failures"],
+            "failures": sum(run["outcomes"].values()) - len(latencies),
         }
     return results
 

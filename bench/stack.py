@@ -15,64 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
 from labkit.lab import rate_limits_exempted, ssh
+from labkit.sending import SCRIPTS, concurrent_requests_command, script_command
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "stack.json"
-
-# Runs on the client VM: concurrency threads, each with one keep-alive connection to its URL (round robin
-# over the URLs), sending requests back to back for a while. Prints latencies of good answers and the rest.
-LOAD = r"""
-import http.client, json, ssl, sys, threading, time, urllib.parse
-spec = json.loads(sys.argv[1])
-context = ssl._create_unverified_context()
-body = urllib.parse.urlencode(spec["form"]).encode() if spec["form"] else None
-headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
-latencies, outcomes, lock = [], {}, threading.Lock()
-deadline = time.monotonic() + spec["seconds"]
-def connect(url):
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https":
-        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=120, context=context)
-    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=120)
-def client(url):
-    connection, target = connect(url), urllib.parse.urlsplit(url)
-    path = target.path + ("?" + target.query if target.query else "")
-    while time.monotonic() < deadline:
-        started = time.monotonic()
-        try:
-            connection.request(spec["method"], path, body=body, headers=headers)
-            answer = connection.getresponse()
-            data = answer.read()
-            outcome = str(answer.status)
-            ok = answer.status == 200 and (spec["expect"] is None or spec["expect"] in data.decode())
-        except Exception as error:
-            outcome, ok = type(error).__name__, False
-            connection.close()
-            connection = connect(url)
-        with lock:
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            if ok:
-                latencies.append(time.monotonic() - started)
-threads = [threading.Thread(target=client, args=(spec["urls"][i % len(spec["urls"])],))
-           for i in range(spec["concurrency"])]
-for thread in threads: thread.start()
-for thread in threads: thread.join()
-print(json.dumps({"latencies": sorted(latencies), "outcomes": outcomes}))
-"""
-
-
-MAKE_PERMALINK = r"""
-import ssl, sys, urllib.parse, urllib.request
-data = urllib.parse.urlencode({"code": "print('bench')"}).encode()
-context = ssl._create_unverified_context()
-print(urllib.request.urlopen(sys.argv[1], data, context=context).read().decode())
-"""
 
 
 def percentile(ordered: list[float], share: float) -> float:
@@ -84,7 +35,7 @@ def drive(
 ) -> dict[str, Any]:
     """Load from the client VM; expect is a text the good answers contain (None: any 200)."""
     spec = {"urls": urls, "method": method, "form": form, "expect": expect, "concurrency": clients, "seconds": seconds}
-    run = json.loads(ssh(client, f"python3 -c {shlex.quote(LOAD)} {shlex.quote(json.dumps(spec))}"))
+    run = json.loads(ssh(client, script_command(SCRIPTS / "http_load.py", json.dumps(spec))))
     latencies = run["latencies"]
     return {
         "per_second": len(latencies) / seconds,
@@ -116,7 +67,10 @@ def main() -> None:
             )
             direct = [f"http://{cell}/service" for cell in args.cells]
             results["direct"][load] = drive(lb, direct, "POST", computation, '"2\\n"', clients, args.seconds)
-        ident = json.loads(ssh(lb, f"python3 -c {shlex.quote(MAKE_PERMALINK)} {balanced}/permalink"))["query"]
+        [(_status, _headers, made)] = json.loads(
+            ssh(lb, concurrent_requests_command(f"{balanced}/permalink", "POST", {"code": "print('bench')"}, 1))
+        )
+        ident = json.loads(made)["query"]
         load = "permalink reads, 8 clients"
         read = f"/permalink?q={ident}"
         results["through HAProxy+TLS"][load] = drive(lb, [balanced + read], "GET", {}, "bench", 8, args.read_seconds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
@@ -13,43 +12,13 @@ from typing import TYPE_CHECKING
 import pytest
 
 from conftest import main_pid
-from labkit.waiting import until
+from labkit.sending import SCRIPTS, script_command
+from labkit.waiting import until, until_gone
 
 if TYPE_CHECKING:
     from testinfra.host import Host
 
     from conftest import Node
-
-POST = """
-import json, sys, time, urllib.error, urllib.parse, urllib.request
-data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
-sent = time.monotonic()
-try:
-    with urllib.request.urlopen("http://127.0.0.1:%s/service" % sys.argv[1], data=data, timeout=120) as answer:
-        status, headers, body = answer.status, dict(answer.headers), json.load(answer)
-except urllib.error.HTTPError as error:
-    status, headers, body = error.code, dict(error.headers), json.load(error)
-print(json.dumps({"status": status, "headers": headers, "body": body, "seconds": time.monotonic() - sent}))
-"""
-
-
-POST_MANY = r"""
-import json, sys, time, urllib.error, urllib.parse, urllib.request
-data = urllib.parse.urlencode({"code": sys.argv[2]}).encode()
-retry_until = time.monotonic() + float(sys.argv[4])
-url, patience = "http://127.0.0.1:%s/service" % sys.argv[1], float(sys.argv[5])
-def one(_):
-    while True:
-        try:
-            with urllib.request.urlopen(url, data=data, timeout=patience) as answer:
-                return {"status": answer.status, "body": json.load(answer)}
-        except urllib.error.HTTPError as error:
-            if error.code != 503 or time.monotonic() > retry_until:
-                return {"status": error.code, "body": json.load(error)}
-            time.sleep(0.5)
-with ThreadPoolExecutor(int(sys.argv[3])) as pool:
-    print(json.dumps(list(pool.map(one, range(int(sys.argv[3]))))))
-"""
 
 
 def cell_server_python(host: Host) -> str:
@@ -83,16 +52,14 @@ class Cell:
         return self.node.host
 
     def compute(self, code: str) -> dict:
-        output = self.host.check_output(f"python3 -c {shlex.quote(POST)} {self.port} {shlex.quote(code)}")
-        return json.loads(output)
+        return json.loads(self.host.check_output(script_command(SCRIPTS / "post_service.py", str(self.port), code)))
 
     def compute_many(self, code: str, count: int, retry_busy_seconds: float = 0, patience: float = 120) -> list[dict]:
         """count computations of code at once, from threads of one process on the cell; each one refused as
         busy (503) is sent again, as a client honouring Retry-After would, for up to retry_busy_seconds. Each
         answer is waited for up to patience seconds."""
-        script = f"from concurrent.futures import ThreadPoolExecutor\n{POST_MANY}"
-        arguments = f"{self.port} {shlex.quote(code)} {count} {retry_busy_seconds} {patience}"
-        return json.loads(self.host.check_output(f"python3 -c {shlex.quote(script)} {arguments}"))
+        arguments = (str(self.port), code, str(count), str(retry_busy_seconds), str(patience))
+        return json.loads(self.host.check_output(script_command(SCRIPTS / "post_service_many.py", *arguments)))
 
     def stdout(self, code: str) -> str:
         answer = self.compute(code)
@@ -118,7 +85,7 @@ class Cell:
 
     def wait_for_full_reserve(self, patience: float = 120) -> set[str]:
         """Wait until the provider holds its whole reserve of ready kernels (cell_server_preforked); their pids."""
-        wanted = int(self.node.variables.get("cell_server_preforked", 2))
+        wanted = int(self.node.setting("cell_server_preforked"))
 
         def full_reserve() -> set[str]:
             kernels = self.reserve_kernels()
@@ -130,9 +97,7 @@ class Cell:
 
     def wait_until_idle(self) -> None:
         """No worker still being reset from an earlier computation, so every slot can take one."""
-        deadline = time.monotonic() + 60
-        while self.host.run("pgrep -f cellfleet-worker-reset").rc == 0 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        until_gone(lambda: self.host.run("pgrep -f cellfleet-worker-reset").stdout, 60)
 
 
 def first_cell(nodes: dict[str, Node]) -> Cell:
@@ -142,13 +107,9 @@ def first_cell(nodes: dict[str, Node]) -> Cell:
         pytest.skip("no host in the cells group")
     node = cells[0]
     pool = json.loads(node.host.file("/etc/cellfleet/worker-pool.json").content_string)
-    port = int(node.variables.get("cell_server_port", 8888))
+    port = int(node.setting("cell_server_port"))
     found = Cell(node, port, {entry["uid"]: name for name, entry in pool["workers"].items()}, pool["selinux_context"])
     # Another suite may have reset every worker (killing the reserve) or restarted the services.
     node.host.run("systemctl start cellfleet-kernel-provider cellserver")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if node.host.run(f"python3 -c {shlex.quote(POST)} {port} 1").rc == 0:
-            break
-        time.sleep(2)
+    until(lambda: node.host.run(script_command(SCRIPTS / "post_service.py", str(port), "1")).rc == 0, 120, interval=2)
     return found

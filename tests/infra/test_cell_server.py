@@ -6,7 +6,6 @@ Requests go to the server on the cell's loopback (see cells.py), exactly as ngin
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +14,8 @@ import pytest
 from cells import Cell, cell_server_python, start_health_checks, stop_health_checks
 from cellserver.kernel_box import KERNEL_OOM_SCORE_ADJ
 from conftest import main_pid, seconds_until_back
+from labkit.sending import SCRIPTS, script_command
+from labkit.waiting import until
 
 
 def test_both_services_run_and_the_server_is_unprivileged(cell: Cell) -> None:
@@ -111,40 +112,12 @@ def test_what_a_computation_leaves_is_gone_after_its_answer(cell: Cell) -> None:
     assert "left-behind" not in left, left
 
 
-# A page's kernel session on the cell's server, asking for an idle timeout: one computation, then silence until
-# the server ends the session. Prints the output, the last message (the dead status) and the seconds from the
-# reply to the end. Runs with the server's own venv python, which has tornado.
-IDLE_SESSION = r"""
-import asyncio, json, sys, time, urllib.parse, uuid
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.websocket import websocket_connect
-async def main(port, code, idle):
-    body = urllib.parse.urlencode({"accepted_tos": "true", "timeout": idle})
-    answer = await AsyncHTTPClient().fetch(HTTPRequest(f"http://127.0.0.1:{port}/kernel", method="POST", body=body))
-    kernel = json.loads(answer.body)
-    connection = await websocket_connect(f"{kernel['ws_url']}kernel/{kernel['id']}/channels")
-    header = {"msg_type": "execute_request", "msg_id": str(uuid.uuid4()), "session": kernel["id"], "username": ""}
-    content = {"code": code, "silent": False, "user_expressions": {}, "allow_stdin": False}
-    connection.write_message(json.dumps({"channel": "shell", "header": header, "parent_header": {},
-                                         "metadata": {}, "content": content}))
-    output, last, replied = "", {}, None
-    while (text := await asyncio.wait_for(connection.read_message(), 600)) is not None:
-        last = json.loads(text)
-        if last["msg_type"] == "stream":
-            output += last["content"]["text"]
-        if last["msg_type"] == "execute_reply":
-            replied = time.monotonic()
-    print(json.dumps({"stdout": output, "last": last.get("content"), "ended_after": time.monotonic() - replied}))
-asyncio.run(main(*sys.argv[1:]))
-"""
-
-
 def test_what_a_session_leaves_is_gone_after_its_idle_end(cell: Cell) -> None:
     # The same leftovers as a /service computation's, from a kernel session a page keeps idle: the server ends
     # it after the idle timeout the page asked for, and its worker is reset like any other.
     code = LEAVE_BEHIND.replace("left-behind", "left-by-session")
     python = cell_server_python(cell.host)
-    command = f"{python} -c {shlex.quote(IDLE_SESSION)} {cell.port} {shlex.quote(code)} 5"
+    command = script_command(SCRIPTS / "idle_session.py", str(cell.port), code, "5", python=python)
     session = json.loads(cell.host.check_output(command))
     uid, pid = session["stdout"].split()
     assert session["last"] == {"execution_state": "dead", "reason": "idle for 5 s"}, session
@@ -188,7 +161,7 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
     try:
         cell.wait_until_idle()
         # Each holder marks its home once it runs, then sleeps until just before the wall limit.
-        limit = int(cell.node.variables["cellfleet_computation_seconds"])
+        limit = int(cell.node.setting("cellfleet_computation_seconds"))
         hold = f"import os, time; open(os.path.expanduser('~/holding'), 'w').close(); time.sleep({limit - 1})"
         with ThreadPoolExecutor(1) as background:
             # One process on the cell sends them all at once (one SSH command and Python start each would
@@ -219,7 +192,7 @@ def test_every_worker_busy_answers_503_with_retry_after(cell: Cell) -> None:
 
 
 def test_the_wall_limit_and_the_memory_limit_hold(cell: Cell) -> None:
-    limit = int(cell.node.variables["cellfleet_computation_seconds"])
+    limit = int(cell.node.setting("cellfleet_computation_seconds"))
     started = time.monotonic()
     answer = cell.compute("import time; time.sleep(100000)")
     assert answer["body"]["execute_reply"]["ename"] == "TimeoutError"
@@ -231,15 +204,15 @@ def test_the_wall_limit_and_the_memory_limit_hold(cell: Cell) -> None:
 def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> None:
     # A server that took every reserve kernel for dead released and restarted them without end: the idle
     # cell's whole CPU went on starting kernels, and every computation waited seconds for one.
-    fetch = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=60).read()"
+    fetch = script_command(SCRIPTS / "http_get.py", f"http://127.0.0.1:{cell.port}/health", "--timeout", "60")
     stop_health_checks(cell.host)
     try:
         cell.wait_until_idle()
         kernels = cell.wait_for_full_reserve()
         # /health refreshes (in a reserve kernel) once its answer is older than cell_server_health_max_age.
-        max_age = float(cell.node.variables.get("cell_server_health_max_age", 5))
+        max_age = float(cell.node.setting("cell_server_health_max_age"))
         for _ in range(4):
-            cell.host.run_test(f"python3 -c {shlex.quote(fetch)}")
+            cell.host.run_test(fetch)
             time.sleep(max_age + 1)
         after = cell.reserve_kernels()
     finally:
@@ -248,44 +221,15 @@ def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> No
 
 
 def test_the_health_endpoint_runs_a_computation(cell: Cell) -> None:
-    fetch = (
-        f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{cell.port}/health').read().decode())"
-    )
-    output = cell.host.check_output(f"python3 -c {shlex.quote(fetch)}")
+    output = cell.host.check_output(script_command(SCRIPTS / "http_get.py", f"http://127.0.0.1:{cell.port}/health"))
     assert json.loads(output)["healthy"] is True
-
-
-# Runs on the cell, so the clock is not blurred by an SSH round trip per probe: after the signal, poll
-# /health every 0.1 s and print when a new process answered it (the old one cannot: it is dead or stopped).
-AFTER_SIGNAL = r"""
-import json, os, signal, subprocess, sys, time, urllib.request
-port, pid, signame, limit = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-def main_pid():
-    command = ["systemctl", "show", "-p", "MainPID", "--value", "cellserver"]
-    return int(subprocess.run(command, capture_output=True, text=True).stdout.strip() or 0)
-os.kill(pid, getattr(signal, signame))
-started = time.monotonic()
-new_process = None
-while time.monotonic() - started < limit:
-    if new_process is None and main_pid() not in (0, pid):
-        new_process = time.monotonic() - started
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read()
-        if main_pid() != pid:
-            print(json.dumps({"new_process": new_process, "healthy": time.monotonic() - started}))
-            sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(0.1)
-print(json.dumps({"new_process": new_process, "healthy": None}))
-"""
 
 
 def seconds_after_signal(cell: Cell, signame: str, limit: float) -> dict:
     """Send signame to the server and time its replacement: a new process, then a /health answer from it."""
     old = main_pid(cell.host, "cellserver")
-    script = shlex.quote(AFTER_SIGNAL)
-    return json.loads(cell.host.check_output(f"python3 -c {script} {cell.port} {old} {signame} {limit}"))
+    timing = script_command(SCRIPTS / "after_signal.py", str(cell.port), str(old), signame, str(limit))
+    return json.loads(cell.host.check_output(timing))
 
 
 def test_a_killed_server_is_back_and_healthy_within_seconds(cell: Cell) -> None:
@@ -296,7 +240,7 @@ def test_a_killed_server_is_back_and_healthy_within_seconds(cell: Cell) -> None:
 
 
 def test_a_frozen_server_is_restarted_by_the_watchdog(cell: Cell) -> None:
-    watchdog = int(cell.node.variables.get("cell_server_watchdog_seconds", 10))
+    watchdog = int(cell.node.setting("cell_server_watchdog_seconds"))
     old = main_pid(cell.host, "cellserver")
     try:
         took = seconds_after_signal(cell, "SIGSTOP", watchdog + 60)
@@ -312,8 +256,8 @@ def test_a_killed_nginx_is_started_again(cell: Cell) -> None:
     old = main_pid(cell.host, "nginx")
     cell.host.run_test(f"kill -9 {old}")
     seconds_until_back(cell.node, "nginx", old, 30)
-    fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1/', timeout=30).status)"
-    assert cell.host.check_output(f"python3 -c {shlex.quote(fetch)}") == "200"
+    fetch = script_command(SCRIPTS / "http_get.py", "http://127.0.0.1/", "--timeout", "30", "--status")
+    assert cell.host.check_output(fetch) == "200"
 
 
 def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) -> None:
@@ -339,8 +283,5 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     log = cell.host.check_output("journalctl -u cellfleet-cell-health --since '-5min' --no-pager")
     assert "restarting cellserver.service" in log and "failed" in log
     seconds_until_back(cell.node, "cellserver", server, 60)  # the check queued the restart
-    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{cell.port}/health', timeout=10)"
-    deadline = time.monotonic() + 120
-    while cell.host.run(f"python3 -c {shlex.quote(probe)}").rc != 0:
-        assert time.monotonic() < deadline, "the restarted server is not healthy within 120 s"
-        time.sleep(1)
+    probe = script_command(SCRIPTS / "http_get.py", f"http://127.0.0.1:{cell.port}/health")
+    assert until(lambda: cell.host.run(probe).rc == 0, 120, interval=1), "the restarted server is not healthy in 120 s"

@@ -57,8 +57,8 @@ def test_two_computations_run_in_separate_boxes(boxed: Cell) -> None:
     assert first["ran"][0] < second["ran"][1] and second["ran"][0] < first["ran"][1], "they did not overlap"
     assert first["cgroup"] != second["cgroup"]
     expected = {
-        "memory.max": str(int(boxed.node.variables.get("cell_server_kernel_box_memory_mib", 1024)) << 20),
-        "pids.max": str(boxed.node.variables.get("cell_server_kernel_box_tasks", 128)),
+        "memory.max": str(int(boxed.node.setting("cell_server_kernel_box_memory_mib")) << 20),
+        "pids.max": str(boxed.node.setting("cell_server_kernel_box_tasks")),
     }
     for report in (first, second):
         assert report["limits"] == expected, report

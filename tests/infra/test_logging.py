@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from conftest import Node
+from labkit.sending import SCRIPTS, script_command
 from labkit.waiting import until
 
 LOG_DIR = "/var/log/cellfleet-hosts"
@@ -68,12 +69,8 @@ def test_the_computation_log_reaches_the_log_host(log_host: Node, clients: list[
         pytest.skip("no cell in the inventory")
     cell = cells[0]
     marker = tag()
-    request = (
-        "import urllib.parse, urllib.request; "
-        f"data = urllib.parse.urlencode({{'code': 'print(\"{marker}\")'}}).encode(); "
-        "print(urllib.request.urlopen('http://127.0.0.1:8888/service', data, timeout=120).read().decode())"
-    )
-    answer = json.loads(cell.host.check_output(f"python3 -c {shlex.quote(request)}"))
+    post = script_command(SCRIPTS / "post_service.py", str(cell.setting("cell_server_port")), f"print({marker!r})")
+    answer = json.loads(cell.host.check_output(post))["body"]
     assert answer["success"] and marker in answer["stdout"]
     wait_for(lambda: any(marker in line for line in received(log_host, cell, "cellserver")), 60, "the computation log")
     [line] = [line for line in received(log_host, cell, "cellserver") if marker in line]
@@ -87,31 +84,16 @@ def test_nginx_logs_requests_but_not_passing_health_checks(log_host: Node, clien
     if not cells:
         pytest.skip("no cell in the inventory")
     cell, health, other = cells[0], tag(), tag()
-    fetch = (
-        "import sys, urllib.request\n"
-        "for url in sys.argv[1:]:\n"
-        "    try: urllib.request.urlopen(url, timeout=60).read()\n"
-        "    except OSError: pass"
-    )
-    urls = [f"http://127.0.0.1/health?probe={health}", f"http://127.0.0.1/static/{other}.css"]
-    cell.host.run_test(f"python3 -c {shlex.quote(fetch)} {' '.join(urls)}")
+    for url in (f"http://127.0.0.1/health?probe={health}", f"http://127.0.0.1/static/{other}.css"):
+        cell.host.run(script_command(SCRIPTS / "http_get.py", url, "--timeout", "60"))  # the .css is not there
     wait_for(lambda: any(other in line for line in received(log_host, cell, "nginx")), 60, "nginx's line for a request")
     assert not any(health in line for line in received(log_host, cell, "nginx")), "a passing /health was logged"
 
 
 def start_writer(client: Node, program: str, lines: int, interval: float) -> None:
     """A transient unit on the client writing numbered lines, one every interval seconds."""
-    # One process on a clock: a shell loop forking logger and sleep per line drifts to minutes on a busy
-    # emulated cell, and then still writes after the outage it is meant to span.
-    script = (
-        "import syslog, time\n"
-        f"syslog.openlog({program!r})\n"
-        "started = time.monotonic()\n"
-        f"for number in range(1, {lines} + 1):\n"
-        f"    syslog.syslog(f'line {{number}} of {lines}')\n"
-        f"    time.sleep(max(0.0, started + number * {interval} - time.monotonic()))\n"
-    )
-    client.host.run_test(f"systemd-run --unit={program} --collect python3 -c {shlex.quote(script)}")
+    writer = script_command(SCRIPTS / "syslog_writer.py", program, str(lines), str(interval))
+    client.host.run_test(f"systemd-run --unit={program} --collect {writer}")
 
 
 def numbers_received(log_host: Node, client: Node, program: str) -> set[int]:

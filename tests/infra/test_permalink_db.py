@@ -11,41 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import Node, main_pid, seconds_until_back
+from labkit.sending import SCRIPTS, script_command
+from labkit.waiting import until
 
 SERVICE = "cellfleet-permalinks.service"
-PORT = 8889
-
-# Writes numbered permalinks for a while, one at a time; prints the acknowledged ones and the failures.
-WRITER = r"""
-import json, sys, time, urllib.parse, urllib.request
-url, seconds, run = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-acknowledged, failures, number = {}, 0, 0
-deadline = time.monotonic() + seconds
-while time.monotonic() < deadline:
-    number += 1
-    code = f"print('{run} {number}')"
-    try:
-        data = urllib.parse.urlencode({"code": code}).encode()
-        with urllib.request.urlopen(url, data, timeout=10) as answer:
-            acknowledged[json.load(answer)["query"]] = code
-    except Exception:
-        failures += 1
-        time.sleep(0.2)
-print(json.dumps({"acknowledged": acknowledged, "failures": failures}))
-"""
-
-READER = r"""
-import json, sys, urllib.request
-url, idents = sys.argv[1], json.loads(sys.stdin.read())
-found = {}
-for ident in idents:
-    try:
-        with urllib.request.urlopen(f"{url}?q={ident}", timeout=10) as answer:
-            found[ident] = json.load(answer)[0]
-    except Exception as error:
-        found[ident] = repr(error)
-print(json.dumps(found))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +35,17 @@ def writer_host(nodes: dict[str, Node]) -> Node:
 
 @pytest.fixture(scope="module")
 def url(data: Node, mesh_addresses: dict[str, str]) -> str:
-    return f"http://{mesh_addresses[data.name]}:{PORT}/permalink"
+    return f"http://{mesh_addresses[data.name]}:{data.setting('cellfleet_permalink_port')}/permalink"
 
 
 def write_for(host: Node, url: str, seconds: float, run: str) -> dict:
-    script = shlex.quote(WRITER)
-    return json.loads(host.host.check_output(f"python3 -c {script} {shlex.quote(url)} {seconds} {run}"))
+    """Permalinks written one at a time for seconds from host: the acknowledged ones and the failures."""
+    return json.loads(host.host.check_output(script_command(SCRIPTS / "permalink_writer.py", url, str(seconds), run)))
 
 
 def read_back(host: Node, url: str, idents: list[str]) -> dict[str, str]:
-    script = shlex.quote(READER)
-    payload = shlex.quote(json.dumps(idents))
-    return json.loads(host.host.check_output(f"echo {payload} | python3 -c {script} {shlex.quote(url)}"))
+    reader = script_command(SCRIPTS / "permalink_reader.py", url)
+    return json.loads(host.host.check_output(f"echo {shlex.quote(json.dumps(idents))} | {reader}"))
 
 
 def postgresql_unit(node: Node) -> str:
@@ -121,12 +89,9 @@ def test_the_backup_restores_what_it_saved(data: Node, writer_host: Node, url: s
     backup = data.host.check_output("ls -1t /var/backups/cellfleet-permalinks/permalinks-* | head -1")
     after = write_for(writer_host, url, 1, f"afterbackup{int(time.time())}")["acknowledged"]
     data.host.run_test(f"cellfleet-permalink-restore {shlex.quote(backup)}")
-    deadline = time.monotonic() + 30
-    while data.host.run(
-        f"python3 -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{PORT}/health')\""
-    ).rc:
-        assert time.monotonic() < deadline, "the permalink service is not healthy after the restore"
-        time.sleep(1)
+    health = f"http://127.0.0.1:{data.setting('cellfleet_permalink_port')}/health"
+    healthy = until(lambda: data.host.run(script_command(SCRIPTS / "http_get.py", health)).rc == 0, 30, interval=1)
+    assert healthy, "the permalink service is not healthy 30 s after the restore"
     found = read_back(writer_host, url, sorted(before) + sorted(after))
     assert all(found[ident] == code for ident, code in before.items()), found
     assert not any(found[ident] == code for ident, code in after.items()), (

@@ -18,7 +18,8 @@ import pytest
 
 from cells import cell_server_python
 from conftest import Node
-from labkit.sending import concurrent_requests_command, script_command
+from labkit.sending import SCRIPTS, concurrent_requests_command, script_command
+from labkit.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def statuses(answers: list) -> list[int]:
 def test_a_flooding_client_gets_429_while_another_is_served(lab: dict[str, Node]) -> None:
     lb = load_balancer(lab)
     flooder, other = clients(lab)[:2]
-    limit = int(lb.variables.get("haproxy_rate_limit_per_ip", 100))
+    limit = int(lb.setting("haproxy_rate_limit_per_ip"))
     forget_request_rates(lb)
     # Twice the per-client limit, so the flood alone stays within the total limit and others are served.
     flood = statuses(send(flooder, f"https://{lb.address}/service", "POST", {"code": "1"}, limit * 2))
@@ -215,8 +216,8 @@ def test_a_flooding_client_gets_429_while_another_is_served(lab: dict[str, Node]
 
 def test_the_total_limit_holds_across_clients(lab: dict[str, Node]) -> None:
     lb = load_balancer(lab)
-    per_ip = int(lb.variables.get("haproxy_rate_limit_per_ip", 100))
-    total = int(lb.variables.get("haproxy_rate_limit_total", 1000))
+    per_ip = int(lb.setting("haproxy_rate_limit_per_ip"))
+    total = int(lb.setting("haproxy_rate_limit_total"))
     senders = clients(lab)
     if per_ip * len(senders) <= total:
         pytest.skip("the clients cannot exceed the total limit while each stays under its own")
@@ -239,32 +240,6 @@ def test_the_stats_page_is_local_only(lab: dict[str, Node]) -> None:
     assert all(cell.name in state for cell in cells(lab))
 
 
-# Fresh TLS connections, one request each, from a few threads for a while: every outcome is counted.
-STEADY_CLIENT = r"""
-import json, ssl, sys, threading, time, urllib.error, urllib.request
-url, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-context = ssl._create_unverified_context()
-outcomes, lock = {}, threading.Lock()
-deadline = time.monotonic() + seconds
-def client():
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=30, context=context) as answer:
-                answer.read()
-                outcome = str(answer.status)
-        except urllib.error.HTTPError as error:
-            outcome = str(error.code)
-        except Exception as error:
-            outcome = type(error).__name__ + ": " + str(error)[:80]
-        with lock:
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-workers = [threading.Thread(target=client) for _ in range(threads)]
-for worker in workers: worker.start()
-for worker in workers: worker.join()
-print(json.dumps(outcomes))
-"""
-
-
 def admin(lb: Node, command: str) -> str:
     return lb.host.check_output(f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
 
@@ -282,11 +257,14 @@ def wait_until_every_cell_is_up(lb: Node, backends: list[Node], seconds: float =
     """The floods before this test can keep an emulated cell too busy to answer its health checks: HAProxy
     then marks it DOWN and answers 503 until the checks pass again. Start from a backend that serves."""
     started = time.monotonic()
-    states = {cell.name: server_stats(lb, "cells", cell.name)[0] for cell in backends}
-    while any(state != "UP" for state in states.values()):
-        assert time.monotonic() - started < seconds, f"cells not back UP after {seconds:g} s: {states}"
-        time.sleep(1)
-        states = {cell.name: server_stats(lb, "cells", cell.name)[0] for cell in backends}
+
+    states: dict[str, str] = {}
+
+    def every_cell_up() -> bool:
+        states.update({cell.name: server_stats(lb, "cells", cell.name)[0] for cell in backends})
+        return set(states.values()) == {"UP"}
+
+    assert until(every_cell_up, seconds, interval=1), f"cells not back UP after {seconds:g} s: {states}"
     print(f"every cell UP after {time.monotonic() - started:.1f} s")
 
 
@@ -307,8 +285,7 @@ def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[s
     if drained:
         admin(lb, f"set server cells/{drained} state drain")
     try:
-        script = shlex.quote(STEADY_CLIENT)
-        command = f"python3 -c {script} {shlex.quote(f'https://{lb.address}{asset}')} 25 4"
+        command = script_command(SCRIPTS / "steady_client.py", f"https://{lb.address}{asset}", "25", "4")
         with ThreadPoolExecutor(1) as background:
             load = background.submit(clients(lab)[0].host.check_output, command)
             time.sleep(3)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import shlex
-
 from conftest import Node
+from labkit.sending import SCRIPTS, script_command
 
 CRON_FILE = "/etc/cron.d/cellfleet-tmp-cleanup"
 
@@ -26,12 +25,8 @@ def test_the_cleaner_removes_aged_files_and_keeps_fresh_ones_sockets_and_open_fi
         host.run_test(f"rm -rf {base} && mkdir -p {base}/nested")
         host.run_test(f"echo old > {base}/old.txt && echo old > {base}/nested/old.txt && echo new > {base}/fresh.txt")
         host.run_test(f"echo open > {base}/held-open.log")
-        host.run_test(
-            "systemd-run --unit=cf-test-socket --collect python3 -c "
-            + shlex.quote(
-                f"import socket, time; s = socket.socket(socket.AF_UNIX); s.bind('{base}/app.sock'); time.sleep(300)"
-            )
-        )
+        holder = script_command(SCRIPTS / "hold_unix_socket.py", f"{base}/app.sock", "300")
+        host.run_test(f"systemd-run --unit=cf-test-socket --collect {holder}")
         host.run_test(
             f"systemd-run --unit=cf-test-holder --collect --property=StandardInput=file:{base}/held-open.log sleep 300"
         )

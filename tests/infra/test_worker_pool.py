@@ -16,6 +16,7 @@ from testinfra.host import Host
 
 from cells import start_health_checks, stop_health_checks
 from conftest import CONNECTED, Node, tcp_connect_many
+from labkit.sending import SCRIPTS, script_command
 from labkit.waiting import until
 
 LAUNCHER = "cellserver"
@@ -90,19 +91,9 @@ def reset(pool: Pool, worker: str) -> dict:
     return json.loads(output)["workers"][0]
 
 
-ERRNO_PROBE = """
-import os
-try:
-    ACTION
-    print("OK")
-except OSError as error:
-    print(error.errno)
-"""
-
-
 def python_errno(action: str) -> str:
     """A command running Python that performs action and prints the errno it failed with, or OK."""
-    return "python3 -c " + shlex.quote(ERRNO_PROBE.replace("ACTION", action))
+    return script_command(SCRIPTS / "errno_of.py", action)
 
 
 @pytest.fixture
@@ -142,7 +133,7 @@ def test_writing_past_the_block_quota_fails_with_edquot(pool: Pool, clean_worker
         pool.host.check_output(f"repquota -u -n -O csv / | awk -F, '$1 == \"#{pool.uids[worker]}\" {{print $6}}'")
     )
     chunk = "b'x' * (1 << 20)"
-    fill = f"f = open('fill', 'wb')\n    while True: f.write({chunk}); f.flush(); os.fsync(f.fileno())"
+    fill = f"f = open('fill', 'wb')\nwhile True: f.write({chunk}); f.flush(); os.fsync(f.fileno())"
     result = run_as_worker(pool, worker, python_errno(fill) + "; stat -c %s fill")
     errno_seen, size = result.stdout.split()[:2]
     assert int(errno_seen) == EDQUOT, result.stdout + result.stderr
@@ -176,19 +167,6 @@ TAMPERING = {
     "replace": "open('new', 'w').write('x'); os.replace('new', p)",
     "symlink over": "os.symlink('/etc/passwd', 'l' + p); os.replace('l' + p, p)",
 }
-# Every attack on every immutable name in one worker run: each launch costs seconds under emulation.
-TAMPER_SCRIPT = """
-import json, os, shutil, sys
-attacks, names, results = json.loads(sys.argv[1]), json.loads(sys.argv[2]), {}
-for attack, code in attacks.items():
-    for p in names:
-        try:
-            exec(code)
-            results[attack + " " + p] = "OK"
-        except OSError as error:
-            results[attack + " " + p] = error.errno
-print(json.dumps(results))
-"""
 # EPERM (immutable), EACCES (root-owned), EISDIR/ENOTEMPTY/ENOTDIR for calls that do not fit a directory.
 REFUSED = {1, 13, 20, 21, 39}
 
@@ -201,14 +179,9 @@ def tampering(pool: Pool) -> dict[str, object]:
         f"cd {home} && for n in {' '.join(pool.immutable)}; do stat -c '%n %i %a %U %s %Y' $n; lsattr -d $n; done"
     )
     before = pool.host.check_output(describe)
-    script = " ".join(
-        [
-            "python3 -c",
-            shlex.quote(TAMPER_SCRIPT),
-            shlex.quote(json.dumps(TAMPERING)),
-            shlex.quote(json.dumps(pool.immutable)),
-        ]
-    )
+    # Every attack on every immutable name in one worker run: each launch costs seconds under emulation.
+    attacks = (json.dumps(TAMPERING), json.dumps(pool.immutable))
+    script = script_command(SCRIPTS / "errno_of.py", "--each", *attacks)
     result = run_as_worker(pool, worker, script)
     assert result.rc == 0, result.stderr
     after = pool.host.check_output(describe)

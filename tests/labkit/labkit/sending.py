@@ -18,6 +18,7 @@ def concurrent_requests_command(url: str, method: str, fields: dict[str, str], c
     return shlex.join(["python3", "-c", script, url, method, json.dumps(fields), str(count)])
 
 
-def script_command(script: Path, *arguments: str) -> str:
-    """Shell command for a VM that runs a script of this checkout with its arguments."""
-    return shlex.join(["python3", "-c", script.read_text(), *arguments])
+def script_command(script: Path, *arguments: str, python: str = "python3") -> str:
+    """Shell command for a VM that runs a script of this checkout with its arguments (with python, the VM's
+    interpreter to run it: the system's, or a venv's that has what the script imports)."""
+    return shlex.join([python, "-c", script.read_text(), *arguments])
