@@ -22,9 +22,10 @@ from pathlib import Path
 
 import libvirt
 
+from labkit.modules import library_module
+
+clone = library_module("libvirt_cow_clone")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT / "library"))
-import libvirt_cow_clone as clone  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "foundation.json"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
+import role_docs  # scripts/ is on pytest's pythonpath (pyproject.toml)
 
-import role_docs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_role_readme_is_generated_from_its_argument_specs() -> None:
