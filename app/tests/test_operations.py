@@ -276,3 +276,27 @@ def test_a_provider_that_never_says_hello_fails_the_start(
 
     with pytest.raises(kernels.ProviderError, match=r"did not answer within 0\.5 s"):
         asyncio.run(open_link())
+
+
+def test_a_spawned_provider_slow_to_load_its_kernel_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The provider a server without a provider socket spawns says hello after importing its kernel's library,
+    # which for Sage on a starved machine takes longer than a hung provider service is given.
+    from cellserver import kernels
+
+    monkeypatch.setattr(kernels, "HELLO_PATIENCE_SECONDS", 0.5)
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text(f'#!/bin/sh\nsleep 2\nexec {sys.executable} "$@"\n')
+    slow_python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(slow_python))
+
+    async def open_and_close() -> int | None:
+        link = kernels.ProviderLink("")
+        await asyncio.wait_for(link.open(), 60)
+        assert link.process is not None
+        link.process.kill()
+        await link.process.wait()
+        return link.workers
+
+    assert asyncio.run(open_and_close()) is None  # no worker pool: kernels run as this user

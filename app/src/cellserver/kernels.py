@@ -40,6 +40,9 @@ CONNECT_PATIENCE_SECONDS = 30.0
 # A provider that accepts the connection but never says hello is hung (stopped, deadlocked): the server exits
 # and systemd starts it again, rather than waiting out its start timeout.
 HELLO_PATIENCE_SECONDS = 30.0
+# A provider this server spawned says hello once it has imported its kernel's library: Sage takes tens of
+# seconds, minutes on a starved machine. Its death ends the wait at once (its pipe closes).
+SPAWNED_HELLO_PATIENCE_SECONDS = 300.0
 SLOT_POLL_SECONDS = 0.05
 STOP_PATIENCE_SECONDS = 10.0  # how long a stopping server waits for running computations and releases
 # Reserve kernels started side by side: a start is CPU work now, and a refill that takes every core makes
@@ -112,10 +115,11 @@ class ProviderLink:
             assert self.process.stdout and self.process.stdin
             reader, self._writer = self.process.stdout, self.process.stdin  # type: ignore[assignment]
         self._reader_task = asyncio.create_task(self._read_answers(reader))
+        patience = HELLO_PATIENCE_SECONDS if self.socket_path else SPAWNED_HELLO_PATIENCE_SECONDS
         try:
-            hello = await asyncio.wait_for(self.request({"op": "hello"}), HELLO_PATIENCE_SECONDS)
+            hello = await asyncio.wait_for(self.request({"op": "hello"}), patience)
         except TimeoutError:
-            raise ProviderError(f"the kernel provider did not answer within {HELLO_PATIENCE_SECONDS:g} s") from None
+            raise ProviderError(f"the kernel provider did not answer within {patience:g} s") from None
         self.workers = hello.get("workers")
         self.provider_runtime_dir = Path(hello["runtime_dir"])
 
