@@ -68,9 +68,9 @@ UNPOOLED_STOP = (
 def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, float]]:
     url = f"http://127.0.0.1:{port}/service"
 
-    def load(concurrency: int, seconds: float) -> dict[str, Any]:
+    def load(concurrency: int, duration: float) -> dict[str, Any]:
         spec = {"urls": [url], "method": "POST", "form": {"code": "print(1+1)"}, "expect": '"2\\n"',
-                "concurrency": concurrency, "seconds": seconds}  # fmt: skip
+                "concurrency": concurrency, "seconds": duration}  # fmt: skip
         return json.loads(ssh(address, script_command(SCRIPTS / "http_load.py", json.dumps(spec))))
 
     load(1, 5)  # warm-up: the preforked reserve fills
