@@ -15,6 +15,8 @@ from labkit.sending import SCRIPTS, script_command
 from labkit.waiting import until
 
 SERVICE = "cellfleet-permalinks.service"
+# A kill lands while writes are under way: only then could a lost acknowledgement show.
+WRITES_UNDER_WAY = 5
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,20 @@ def read_back(host: Node, url: str, idents: list[str]) -> dict[str, str]:
     return json.loads(host.host.check_output(f"echo {shlex.quote(json.dumps(idents))} | {reader}"))
 
 
+def rows_of_run(data: Node, run: str) -> int:
+    """How many permalinks of this run the database holds: the writes that went through, seen from the data host."""
+    query = f"SELECT count(*) FROM permalinks WHERE code LIKE 'print(''{run} %'"
+    database = shlex.quote(data.setting("permalink_db_name"))
+    return int(data.host.check_output(f"runuser -u postgres -- psql -d {database} -tAc {shlex.quote(query)}"))
+
+
+def writes_go_on(data: Node, run: str, past: int) -> int:
+    """The run's row count once WRITES_UNDER_WAY more than past have landed; fails if the writer stalls."""
+    count = until(lambda: (rows := rows_of_run(data, run)) >= past + WRITES_UNDER_WAY and rows, 30)
+    assert count, f"fewer than {WRITES_UNDER_WAY} permalinks of {run} written within 30 s (had {past})"
+    return count
+
+
 def postgresql_unit(node: Node) -> str:
     units = node.host.check_output("systemctl list-units --plain --no-legend 'postgresql@*.service' postgresql.service")
     running = [line.split()[0] for line in units.splitlines() if " running " in f" {line} "]
@@ -62,11 +78,11 @@ def test_kill_9_of_the_service_and_of_postgresql_loses_no_acknowledged_permalink
     run = f"kill{int(time.time())}"
     with ThreadPoolExecutor(1) as background:
         writing = background.submit(write_for, writer_host, url, 40, run)
-        time.sleep(6)
+        writes_go_on(data, run, 0)
         service_pid = main_pid(data.host, SERVICE)
         data.host.run_test(f"kill -9 {service_pid}")
         service_back = seconds_until_back(data, SERVICE, service_pid, 30)
-        time.sleep(6)
+        writes_go_on(data, run, rows_of_run(data, run))
         postmaster_pid = main_pid(data.host, database)
         data.host.run_test(f"kill -9 {postmaster_pid}")
         database_back = seconds_until_back(data, database, postmaster_pid, 60)
