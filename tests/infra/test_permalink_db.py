@@ -57,11 +57,12 @@ def rows_of_run(data: Node, run: str) -> int:
     return int(data.host.check_output(f"runuser -u postgres -- psql -d {database} -tAc {shlex.quote(query)}"))
 
 
-def writes_go_on(data: Node, run: str, past: int) -> int:
-    """The run's row count once WRITES_UNDER_WAY more than past have landed; fails if the writer stalls."""
-    count = until(lambda: (rows := rows_of_run(data, run)) >= past + WRITES_UNDER_WAY and rows, 30)
-    assert count, f"fewer than {WRITES_UNDER_WAY} permalinks of {run} written within 30 s (had {past})"
-    return count
+def writes_go_on(data: Node, run: str) -> None:
+    """Returns once WRITES_UNDER_WAY more of the run's permalinks have landed than when it was called; fails if
+    the writer stalls."""
+    past = rows_of_run(data, run)
+    landed = until(lambda: rows_of_run(data, run) >= past + WRITES_UNDER_WAY, 30)
+    assert landed, f"fewer than {WRITES_UNDER_WAY} permalinks of {run} written within 30 s (had {past})"
 
 
 def postgresql_unit(node: Node) -> str:
@@ -78,11 +79,11 @@ def test_kill_9_of_the_service_and_of_postgresql_loses_no_acknowledged_permalink
     run = f"kill{int(time.time())}"
     with ThreadPoolExecutor(1) as background:
         writing = background.submit(write_for, writer_host, url, 40, run)
-        writes_go_on(data, run, 0)
+        writes_go_on(data, run)
         service_pid = main_pid(data.host, SERVICE)
         data.host.run_test(f"kill -9 {service_pid}")
         service_back = seconds_until_back(data, SERVICE, service_pid, 30)
-        writes_go_on(data, run, rows_of_run(data, run))
+        writes_go_on(data, run)
         postmaster_pid = main_pid(data.host, database)
         data.host.run_test(f"kill -9 {postmaster_pid}")
         database_back = seconds_until_back(data, database, postmaster_pid, 60)
