@@ -115,7 +115,7 @@ def test_when_every_kernel_is_busy_the_answer_is_503_with_retry_after(compute: S
     holders = [open_session(compute) for _ in range(2)]
     started = time.monotonic()
     status, headers, body = compute.request("POST", "/service", {"code": "1"})
-    assert status == 503, body
+    assert status == 503, f"{body}\nthe server's log ends:\n{compute.log_tail()}"
     assert json.loads(body)["error"] == "every kernel is busy; retry later"
     assert headers["Retry-After"].isdigit()
     assert time.monotonic() - started < 10
