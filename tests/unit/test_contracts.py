@@ -21,6 +21,7 @@ OTHER_VALUES = {
     "cellfleet_cells_http_port": 9780,
     "cellfleet_permalink_port": 9789,
     "cellfleet_kernel_runtime_dir": "/run/contract-test-kernels",
+    "cellfleet_worker_home_base": "/srv/contract-homes",
     "cellfleet_peer_address_var": "contract_peer_address",
     "cellfleet_peer_interface": "wgcontract",
     "cellfleet_computation_seconds": 71,
@@ -50,8 +51,12 @@ NAMED_IN = {
         "cellfleet_kernel_start_seconds",
     ],
     "cell1/cell_server/etc__systemd__system__cellfleet-cell-health.service.j2": ["cellfleet_cell_port"],
-    "cell1/cell_server/etc__systemd__system__cellfleet-kernel-provider.service.j2": ["cellfleet_kernel_runtime_dir"],
+    "cell1/cell_server/etc__systemd__system__cellfleet-kernel-provider.service.j2": [
+        "cellfleet_kernel_runtime_dir",
+        "cellfleet_worker_home_base",
+    ],
     "cell1/worker_pool/etc__selinux__cellfleet_worker_pool.cil.j2": ["cellfleet_kernel_runtime_dir"],
+    "cell1/worker_pool/etc__cellfleet__worker-pool.json.j2": ["cellfleet_worker_home_base"],
     "cell1/nginx/etc__nginx__nginx.conf.j2": [
         "cellfleet_cell_port",
         "cellfleet_cells_http_port",
