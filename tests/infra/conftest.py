@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import re
 import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import testinfra
-import yaml
 from testinfra.host import Host
 from testinfra.utils.ansible_runner import AnsibleRunner
+
+from labkit import roles
 
 if TYPE_CHECKING:
     from cells import Cell
@@ -37,22 +35,7 @@ class Node:
     def setting(self, name: str) -> Any:
         """A role variable as the converge saw it on this host: the inventory's value, else the role's default
         (where the default names another variable, that one's value)."""
-        value = self.variables[name] if name in self.variables else role_defaults()[name]
-        reference = REFERENCE.fullmatch(value) if isinstance(value, str) else None
-        return self.setting(reference.group(1)) if reference else value
-
-
-ROLES = Path(__file__).resolve().parents[2] / "roles"
-REFERENCE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-
-
-@functools.cache
-def role_defaults() -> dict[str, Any]:
-    """Every role's defaults/main.yml in one mapping: each role prefixes its variables, so none collide."""
-    defaults: dict[str, Any] = {}
-    for path in sorted(ROLES.glob("*/defaults/main.yml")):
-        defaults.update(yaml.safe_load(path.read_text()) or {})
-    return defaults
+        return roles.default(name, self.variables)
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,11 @@ from typing import Any
 
 import jinja2
 import pytest
-import yaml
 from ansible.plugins.filter.core import FilterModule
 from ansible.plugins.filter.mathstuff import FilterModule as MathFilters
 from ansible.plugins.test.core import TestModule as AnsibleTests
+
+from labkit import roles
 
 ROLE = Path(__file__).resolve().parents[2] / "roles/base"
 OPENINGS = "etc/nftables.d/cellfleet-open.nft.j2"
@@ -30,8 +31,7 @@ def environment() -> jinja2.Environment:
 
 
 def role_variables(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    variables = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
-    variables.update(yaml.safe_load((ROLE.parent / "cellfleet/defaults/main.yml").read_text()))
+    variables = {**roles.defaults_of("base"), **roles.defaults_of("cellfleet")}
     variables.update(ansible_managed="managed", base_nftables_include_dir=str(tmp_path / "nftables.d"), **overrides)
     return variables
 

@@ -12,11 +12,10 @@ import yaml
 from local_ansible import ROOT
 
 from cellserver.config import RANGES, ServerConfig
+from labkit import roles
 
 ROLE = ROOT / "roles" / "cell_server"
 SPEC = yaml.safe_load((ROLE / "meta/argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
-DEFAULTS = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
-SHARED = yaml.safe_load((ROOT / "roles/cellfleet/defaults/main.yml").read_text())
 ROLE_RANGES = yaml.safe_load((ROLE / "vars/main.yml").read_text())["__cell_server_setting_ranges"]
 APP_FIELDS = {field.name: field for field in fields(ServerConfig)}
 # `setting = {{ cell_server_setting }}`, quoted or not: the role variable the TOML file takes unchanged.
@@ -33,9 +32,7 @@ SPEC_TYPES = {"int": "int", "float": "float", "str": "str"}
 
 
 def role_default(setting: str) -> object:
-    value = DEFAULTS[f"cell_server_{setting}"]
-    shared = re.fullmatch(r"\{\{ (cellfleet_\w+) \}\}", str(value))
-    return SHARED[shared.group(1)] if shared else value
+    return roles.default(f"cell_server_{setting}")
 
 
 def test_the_role_writes_the_settings_by_their_own_names() -> None:

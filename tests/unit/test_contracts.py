@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
-from local_ansible import ROOT
 from site_render import render, rendered_files
 
-SHARED = yaml.safe_load((ROOT / "roles/cellfleet/defaults/main.yml").read_text())
+from labkit import roles
+
+SHARED = roles.defaults_of("cellfleet")
 OTHER_VALUES = {
     "cellfleet_cell_port": 9788,
     "cellfleet_cells_http_port": 9780,

@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
 
+from labkit import roles
 from test_base_firewall import nft_check
 
 ROLE = Path(__file__).resolve().parents[2] / "roles/worker_pool"
 
 
 def render(**overrides: Any) -> str:
-    variables = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
+    variables = dict(roles.defaults_of("worker_pool"))
     variables.update(ansible_managed="managed", **overrides)
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True)
     template = ROLE / "templates/etc/nftables.d/cellfleet-worker-egress.nft.j2"
