@@ -285,14 +285,16 @@ def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[s
     if drained:
         admin(lb, f"set server cells/{drained} state drain")
     try:
-        command = script_command(SCRIPTS / "steady_client.py", f"https://{lb.address}{asset}", "25", "4")
+        load_spec = {"urls": [f"https://{lb.address}{asset}"], "method": "GET", "concurrency": 4, "seconds": 25,
+                     "fresh_connections": True}  # fmt: skip
+        command = script_command(SCRIPTS / "http_load.py", json.dumps(load_spec))
         with ThreadPoolExecutor(1) as background:
             load = background.submit(clients(lab)[0].host.check_output, command)
             time.sleep(3)
             for _ in range(10):
                 lb.host.run_test("systemctl reload haproxy.service")
                 time.sleep(1.5)
-            outcomes = json.loads(load.result(timeout=120))
+            outcomes = json.loads(load.result(timeout=120))["outcomes"]
         print(f"10 reloads under load: {outcomes}")
         assert set(outcomes) == {"200"}, outcomes
         assert outcomes["200"] > 50, outcomes

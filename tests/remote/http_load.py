@@ -3,7 +3,9 @@ robin over the URLs), sending the same request back to back for SECONDS. Prints 
 seconds of the good answers, "outcomes": {status or error name: count}}.
 
 Usage: http_load.py SPEC_JSON, where SPEC_JSON is {"urls": [...], "method": "GET" or "POST", "form": {field: value}
-(the POST body), "expect": a text good answers contain or null for any 200, "concurrency": n, "seconds": s}.
+(the POST body), "expect": a text good answers contain or null for any 200, "concurrency": n, "seconds": s,
+"fresh_connections": true for a new connection (a new TLS handshake) per request, as browsers arriving one after
+another make; a server reload must then accept every one of them}.
 Certificates are not checked: the lab's are self-signed. Standard library only: it runs on the lab's VMs with
 their python3.
 """
@@ -58,7 +60,10 @@ class Load:
                 answer = connection.getresponse()
                 outcome, ok = str(answer.status), self.good(answer.status, answer.read())
             except Exception as error:  # a refused or reset connection is an outcome to count
-                outcome, ok = type(error).__name__, False
+                outcome, ok = f"{type(error).__name__}: {str(error)[:80]}", False
+                connection.close()
+                connection = connect(url, self.context)
+            if self.spec.get("fresh_connections"):
                 connection.close()
                 connection = connect(url, self.context)
             with self.lock:
