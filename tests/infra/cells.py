@@ -52,14 +52,16 @@ class Cell:
         return self.node.host
 
     def compute(self, code: str) -> dict:
-        return json.loads(self.host.check_output(script_command(SCRIPTS / "post_service.py", str(self.port), code)))
+        [answer] = self.compute_many(code, 1)
+        return answer
 
     def compute_many(self, code: str, count: int, retry_busy_seconds: float = 0, patience: float = 120) -> list[dict]:
         """count computations of code at once, from threads of one process on the cell; each one refused as
         busy (503) is sent again, as a client honouring Retry-After would, for up to retry_busy_seconds. Each
         answer is waited for up to patience seconds."""
-        arguments = (str(self.port), code, str(count), str(retry_busy_seconds), str(patience))
-        return json.loads(self.host.check_output(script_command(SCRIPTS / "post_service_many.py", *arguments)))
+        options = ("--count", str(count), "--retry-busy", str(retry_busy_seconds), "--patience", str(patience))
+        command = script_command(SCRIPTS / "post_service.py", *options, "--", str(self.port), code)
+        return json.loads(self.host.check_output(command))
 
     def stdout(self, code: str) -> str:
         answer = self.compute(code)
