@@ -63,6 +63,12 @@ class Cell:
         command = script_command(SCRIPTS / "post_service.py", *options, "--", str(self.port), code)
         return json.loads(self.host.check_output(command))
 
+    def serves(self) -> bool:
+        """Whether the cell server answers a computation now (a refused connection or a busy cell is a no)."""
+        command = script_command(SCRIPTS / "post_service.py", "--", str(self.port), "1")
+        posted = self.host.run(command)
+        return posted.rc == 0 and json.loads(posted.stdout)[0]["status"] == 200
+
     def stdout(self, code: str) -> str:
         answer = self.compute(code)
         assert answer["status"] == 200, answer
@@ -113,5 +119,5 @@ def first_cell(nodes: dict[str, Node]) -> Cell:
     found = Cell(node, port, {entry["uid"]: name for name, entry in pool["workers"].items()}, pool["selinux_context"])
     # Another suite may have reset every worker (killing the reserve) or restarted the services.
     node.host.run("systemctl start cellfleet-kernel-provider cellserver")
-    until(lambda: node.host.run(script_command(SCRIPTS / "post_service.py", str(port), "1")).rc == 0, 120, interval=2)
+    assert until(found.serves, 120, interval=2), f"{node.name}: the cell server answered no computation in 120 s"
     return found
