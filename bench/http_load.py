@@ -29,11 +29,6 @@ def server_load_arguments(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 @contextmanager
 def cellserver(*arguments: str, startup_seconds: float = 60, python: str = sys.executable) -> Iterator[str]:
     """Run `cellserver ARGUMENTS --port P` with python until the block ends; yields its base URL."""

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from http_load import cellserver, drive, percentile
+from http_load import cellserver, drive
+from labkit.measure import percentile
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "permalinks.json"

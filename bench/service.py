@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tornado.httpclient import HTTPRequest
 
-from http_load import cellserver, drive, percentile, server_load_arguments
+from http_load import cellserver, drive, server_load_arguments
+from labkit.measure import percentile
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results" / "service.json"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.lab import ssh
-from labkit.sending import SCRIPTS, script_command
+from labkit.measure import load_from_vm, percentile, summary
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,10 +37,6 @@ REUSABLE_SINCE = (
 )
 TARGET_RATIO = 0.9
 TARGET_REUSABLE_MS = 200.0
-
-
-def percentile(values: list[float], share: float) -> float:
-    return values[min(len(values) - 1, int(share * len(values)))] if values else float("nan")
 
 
 UNPOOLED_PORT = 8899
@@ -65,26 +61,16 @@ UNPOOLED_STOP = (
 )
 
 
-def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, float]]:
+def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/service"
 
     def load(concurrency: int, duration: float) -> dict[str, Any]:
         spec = {"urls": [url], "method": "POST", "form": {"code": "print(1+1)"}, "expect": '"2\\n"',
                 "concurrency": concurrency, "seconds": duration}  # fmt: skip
-        return json.loads(ssh(address, script_command(SCRIPTS / "http_load.py", json.dumps(spec))))
+        return load_from_vm(address, spec)
 
     load(1, 5)  # warm-up: the preforked reserve fills
-    results: dict[str, dict[str, float]] = {}
-    for concurrency in (1, 8):
-        run = load(concurrency, seconds)
-        latencies = run["latencies"]
-        results[f"concurrency {concurrency}"] = {
-            "per_second": len(latencies) / seconds,
-            "p50_ms": percentile(latencies, 0.5) * 1000,
-            "p90_ms": percentile(latencies, 0.9) * 1000,
-            "failures": sum(run["outcomes"].values()) - len(latencies),
-        }
-    return results
+    return {f"concurrency {concurrency}": summary(load(concurrency, seconds), seconds) for concurrency in (1, 8)}
 
 
 def release_to_reusable(address: str, since: str) -> dict[str, float]:

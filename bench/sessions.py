@@ -24,7 +24,8 @@ from typing import Any
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from http_load import percentile, running_cellserver
+from http_load import running_cellserver
+from labkit.measure import percentile
 from service_sage import descendants, pss_mib, sage_python
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sessions.json"

@@ -28,9 +28,9 @@ from sessions import execute_request
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from http_load import percentile
 from labkit.lab import CELLS, LOAD_BALANCER, admin, ssh
 from labkit.load import enter_lab_namespace
+from labkit.measure import percentile
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from labkit.lab import rate_limits_exempted, ssh
-from labkit.sending import SCRIPTS, concurrent_requests_command, script_command
+from labkit.measure import load_from_vm, summary
+from labkit.sending import concurrent_requests_command
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "stack.json"
-
-
-def percentile(ordered: list[float], share: float) -> float:
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
 def drive(
@@ -35,14 +32,7 @@ def drive(
 ) -> dict[str, Any]:
     """Load from the client VM; expect is a text the good answers contain (None: any 200)."""
     spec = {"urls": urls, "method": method, "form": form, "expect": expect, "concurrency": clients, "seconds": seconds}
-    run = json.loads(ssh(client, script_command(SCRIPTS / "http_load.py", json.dumps(spec))))
-    latencies = run["latencies"]
-    return {
-        "per_second": len(latencies) / seconds,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "outcomes": run["outcomes"],
-    }
+    return summary(load_from_vm(client, spec), seconds)
 
 
 def main() -> None:
