@@ -59,15 +59,17 @@ class Cell:
         """count computations of code at once, from threads of one process on the cell; each one refused as
         busy (503) is sent again, as a client honouring Retry-After would, for up to retry_busy_seconds. Each
         answer is waited for up to patience seconds."""
-        options = ("--count", str(count), "--retry-busy", str(retry_busy_seconds), "--patience", str(patience))
-        command = script_command(SCRIPTS / "post_service.py", *options, "--", str(self.port), code)
-        return json.loads(self.host.check_output(command))
+        return json.loads(self.host.check_output(self._post_command(code, count, retry_busy_seconds, patience)))
 
     def serves(self) -> bool:
         """Whether the cell server answers a computation now (a refused connection or a busy cell is a no)."""
-        command = script_command(SCRIPTS / "post_service.py", "--", str(self.port), "1")
-        posted = self.host.run(command)
+        posted = self.host.run(self._post_command("1"))
         return posted.rc == 0 and json.loads(posted.stdout)[0]["status"] == 200
+
+    def _post_command(self, code: str, count: int = 1, retry_busy_seconds: float = 0, patience: float = 120) -> str:
+        """post_service.py on the cell, posting code to this cell's server (see compute_many)."""
+        options = ("--count", str(count), "--retry-busy", str(retry_busy_seconds), "--patience", str(patience))
+        return script_command(SCRIPTS / "post_service.py", *options, "--", str(self.port), code)
 
     def stdout(self, code: str) -> str:
         answer = self.compute(code)

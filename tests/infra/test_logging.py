@@ -70,7 +70,8 @@ def test_the_computation_log_reaches_the_log_host(log_host: Node, clients: list[
     cell = cells[0]
     marker = tag()
     post = script_command(SCRIPTS / "post_service.py", str(cell.setting("cell_server_port")), f"print({marker!r})")
-    [answer] = [posted["body"] for posted in json.loads(cell.host.check_output(post))]
+    [posted] = json.loads(cell.host.check_output(post))
+    answer = posted["body"]
     assert answer["success"] and marker in answer["stdout"]
     wait_for(lambda: any(marker in line for line in received(log_host, cell, "cellserver")), 60, "the computation log")
     [line] = [line for line in received(log_host, cell, "cellserver") if marker in line]

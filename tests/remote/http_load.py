@@ -55,15 +55,14 @@ class Load:
         path = target.path + ("?" + target.query if target.query else "")
         while time.monotonic() < self.deadline:
             started = time.monotonic()
+            broken = False
             try:
                 connection.request(self.spec["method"], path, body=self.body, headers=self.headers)
                 answer = connection.getresponse()
                 outcome, ok = str(answer.status), self.good(answer.status, answer.read())
             except Exception as error:  # a refused or reset connection is an outcome to count
-                outcome, ok = f"{type(error).__name__}: {str(error)[:80]}", False
-                connection.close()
-                connection = connect(url, self.context)
-            if self.spec.get("fresh_connections"):
+                outcome, ok, broken = f"{type(error).__name__}: {str(error)[:80]}", False, True
+            if broken or self.spec.get("fresh_connections"):
                 connection.close()
                 connection = connect(url, self.context)
             with self.lock:

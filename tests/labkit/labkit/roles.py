@@ -7,6 +7,7 @@ import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -17,18 +18,19 @@ REFERENCE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 @functools.cache
-def defaults_of(role: str) -> dict[str, Any]:
-    """One role's defaults/main.yml, as written (references to other variables left in)."""
-    return yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
+def defaults_of(role: str) -> Mapping[str, Any]:
+    """One role's defaults/main.yml, as written (references to other variables left in). Read-only: every
+    caller shares the one cached copy, so a test that adds variables makes its own dict from it."""
+    return MappingProxyType(yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {})
 
 
 @functools.cache
-def all_defaults() -> dict[str, Any]:
+def all_defaults() -> Mapping[str, Any]:
     """Every role's defaults in one mapping: each role prefixes its variables, so none collide."""
     merged: dict[str, Any] = {}
     for path in sorted(ROLES.glob("*/defaults/main.yml")):
         merged.update(defaults_of(path.parent.parent.name))
-    return merged
+    return MappingProxyType(merged)
 
 
 def default(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
