@@ -18,6 +18,7 @@ from labkit.lab import (
     CELLS,
     LOAD_BALANCER,
     ROOT,
+    admin,
     installed_release,
     playbook,
     release_of_app,
@@ -114,6 +115,19 @@ def test_a_failing_canary_stops_the_rollout_while_the_other_cell_serves(tmp_path
         assert set(outcomes) == {"200"}, (outcomes, load.wrong_answers())
         assert set(load.releases(since=finished)) == {before}
     finally:
+        # The next rollout that passes its check puts the canary back where the failed one took it out.
         repaired = roll_out(ROOT / "app", baseline)
         assert repaired.returncode == 0, repaired.stdout[-3000:]
-        assert server_state(canary) == "UP"
+        assert server_state(canary) == "UP", "the repaired canary is still out of rotation"
+
+
+def test_a_cell_set_to_maintenance_by_hand_stays_out_through_a_rollout(baseline: str) -> None:
+    # The rollout puts back only what a drain of its own took out: an operator's maintenance is theirs to end.
+    _, held_out = sorted(CELLS)
+    admin(f"set server cells/{held_out} state maint")
+    try:
+        result = roll_out(ROOT / "app", baseline)
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert server_state(held_out) == "MAINT", "the rollout put a cell the operator held out back in rotation"
+    finally:
+        admin(f"set server cells/{held_out} state ready")
