@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from labkit.lab import CELLS, INVENTORY, LOAD_BALANCER, StatusWatch, server_state, ssh, virsh
+from labkit import units
+from labkit.lab import CELLS, DATA_HOST, INVENTORY, LOAD_BALANCER, StatusWatch, server_state, ssh, virsh
 from labkit.load import Sample, SteadyLoad, enter_lab_namespace, in_lab_namespace_possible
 from labkit.sending import concurrent_requests_command
 
@@ -43,7 +44,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results"
 URL = f"https://{LOAD_BALANCER}/service"
 PERMALINK_URL = f"https://{LOAD_BALANCER}/permalink"
-DATA_HOST = "10.77.0.14"
 LOG_DIR = "/var/log/cellfleet-hosts"
 # How long a SIGSTOPped process stays stopped when nothing restarts it first (the cell server's watchdog does).
 STOP_SECONDS = 20
@@ -191,14 +191,14 @@ def process_faults() -> list[ProcessFault]:
     cell, address = "cell1", CELLS["cell1"]
     faults = [
         ProcessFault(cell, address, unit, signal, "cell")
-        for unit in ("cellserver.service", "cellfleet-kernel-provider.service", "nginx.service")
+        for unit in (units.CELL_SERVER, units.KERNEL_PROVIDER, "nginx.service")
         for signal in ("KILL", "STOP")
     ]
     faults += [ProcessFault("lb1", LOAD_BALANCER, "haproxy.service", signal, "balancer") for signal in ("KILL", "STOP")]
     database = running_postgresql_unit()
     faults += [
         ProcessFault("data1", DATA_HOST, unit, signal, "data")
-        for unit in ("cellfleet-permalinks.service", database)
+        for unit in (units.PERMALINKS, database)
         for signal in ("KILL", "STOP")
     ]
     return faults
@@ -406,7 +406,7 @@ def cells_own_refusals(samples: list[Sample], since_epoch: float) -> dict[str, A
     outlast its timeout, which the server answers with a 503 of its own."""
     said = Counter(error_said(s.detail) for s in samples if s.outcome == "503 from the cell")
     failed_starts = {
-        cell: int(ssh(address, f"journalctl -u cellserver --since @{since_epoch:.0f} -o cat | "
+        cell: int(ssh(address, f"journalctl -u {units.CELL_SERVER} --since @{since_epoch:.0f} -o cat | "
                                "grep -c 'kernel.* failed' || true").strip() or 0)
         for cell, address in CELLS.items()
     }  # fmt: skip

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labkit import units
 from service_pooled import TARGET_RATIO, TARGET_REUSABLE_MS  # the benchmark prints its verdicts too
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -224,7 +225,7 @@ def pooled_targets(data: Any) -> list[Target]:
 
 def chaos_targets(data: Any) -> list[Target]:
     outcomes = {row["scenario"]: row for row in data or []}
-    kill = dig(outcomes, "kill -9 cellserver.service on cell1", "numbers", "unit_running_again_s")
+    kill = dig(outcomes, f"kill -9 {units.CELL_SERVER} on cell1", "numbers", "unit_running_again_s")
     lost_vm = dig(outcomes, "abrupt loss of a cell VM", "numbers", "out_of_rotation_after_s")
     return [
         Target("kill -9 of the cell server: running again", kill, "s", "<= 5 s", at_most(kill, 5), "chaos"),

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labkit.lab import ssh
+from labkit import units
+from labkit.lab import CELLS, ssh
 from labkit.measure import load_from_vm, percentile, summary
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ RESET_TIMING = (
 )
 # Milliseconds from each kernel's release to its worker being free again, as the provider logged them.
 REUSABLE_SINCE = (
-    "journalctl -u cellfleet-kernel-provider --since @{since} -o cat | "
+    f"journalctl -u {units.KERNEL_PROVIDER} --since @{{since}} -o cat | "
     "sed -n 's/.* reusable \\([0-9.]*\\) ms after.*/\\1/p'"
 )
 TARGET_RATIO = 0.9
@@ -105,7 +106,7 @@ def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", default="10.77.0.12", help="the cell (default: the lab's cell1)")
+    parser.add_argument("--address", default=CELLS["cell1"], help="the cell (default: the lab's cell1)")
     parser.add_argument("--port", type=int, default=8888)
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labkit.lab import rate_limits_exempted, ssh
+from labkit.lab import LOAD_BALANCER, rate_limits_exempted, ssh
 from labkit.measure import load_from_vm, summary
 from labkit.sending import concurrent_requests_command
 
@@ -37,7 +37,7 @@ def drive(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--load-balancer", default="10.77.0.11", help="the load balancer (runs the load too)")
+    parser.add_argument("--load-balancer", default=LOAD_BALANCER, help="the load balancer (runs the load too)")
     parser.add_argument("--cells", nargs="+", default=["10.78.0.12", "10.78.0.13"], help="mesh addresses")
     parser.add_argument("--permalink-host", default="10.78.0.14", help="mesh address")
     parser.add_argument("--seconds", type=float, default=30.0, help="per computation load")

@@ -10,15 +10,16 @@ import json
 import re
 from pathlib import Path
 
-from labkit.lab import ssh
+from labkit import units
+from labkit.lab import CELLS, DATA_HOST, LOAD_BALANCER, ssh
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "unit_security.json"
 UNITS = {
-    "10.77.0.12": ["cellserver.service", "cellfleet-kernel-provider.service", "nginx.service"],
-    "10.77.0.14": ["cellfleet-permalinks.service"],
-    "10.77.0.11": ["haproxy.service"],
+    CELLS["cell1"]: [units.CELL_SERVER, units.KERNEL_PROVIDER, "nginx.service"],
+    DATA_HOST: [units.PERMALINKS],
+    LOAD_BALANCER: ["haproxy.service"],
 }
 EXPOSURE = re.compile(r"Overall exposure level for \S+: ([0-9.]+) (\S+)")
 
@@ -34,8 +35,8 @@ def exposure(address: str, unit: str) -> tuple[float, str]:
 def main() -> None:
     results = {}
     print(f"{'unit':38} {'exposure':>8}  level   (systemd-analyze security; 0 safest, 10 unconfined)")
-    for address, units in UNITS.items():
-        for unit in units:
+    for address, host_units in UNITS.items():
+        for unit in host_units:
             score, level = exposure(address, unit)
             results[unit] = {"exposure": score, "level": level}
             print(f"{unit:38} {score:8.1f}  {level}")

@@ -22,16 +22,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from labkit.lab import ssh, ssh_command
+from labkit import units
+from labkit.lab import CELLS, ssh, ssh_command
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "worker_pool.json"
 
 # Stopped in this order, started again in the reverse one (the server needs its provider).
-LIVE_POOL_UNITS = ("cellfleet-cell-health.timer", "cellserver.service", "cellfleet-kernel-provider.service")
+LIVE_POOL_UNITS = (units.CELL_HEALTH_TIMER, units.CELL_SERVER, units.KERNEL_PROVIDER)
 # A check the timer already started outlives it, and restarts the server (and provider) it finds stopped.
-HEALTH_CHECK_UNIT = "cellfleet-cell-health.service"
+HEALTH_CHECK_UNIT = units.CELL_HEALTH
 RUN = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-run"
 RESET = "runuser -u cellserver -- sudo -n /usr/local/sbin/cellfleet-worker-reset"
 CASES = {
@@ -95,7 +96,7 @@ def summary(durations: list[float]) -> dict[str, float | list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", default="10.77.0.12", help="a converged cell (default: the lab's cell1)")
+    parser.add_argument("--address", default=CELLS["cell1"], help="a converged cell (default: the lab's cell1)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     with pool_to_ourselves(args.address):

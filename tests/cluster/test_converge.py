@@ -19,6 +19,7 @@ from itertools import combinations
 
 import pytest
 
+from labkit import units
 from labkit.lab import CELLS, LOAD_BALANCER, StatusWatch, playbook, ssh
 from labkit.load import SteadyLoad, enter_lab_namespace, in_lab_namespace_possible
 
@@ -81,7 +82,7 @@ HOSTILE_COMPUTATIONS = {
     "daemon": "import subprocess\nsubprocess.Popen(['setsid', 'sh', '-c', 'sleep 600 & sleep 600'])\nprint('left')",
 }
 HOSTILE_ROUNDS = 3
-UNIT_INVOCATIONS = "systemctl show -P InvocationID cellserver.service cellfleet-kernel-provider.service"
+UNIT_INVOCATIONS = f"systemctl show -P InvocationID {units.CELL_SERVER} {units.KERNEL_PROVIDER}"
 
 
 def compute(code: str) -> str:
@@ -114,7 +115,7 @@ def test_a_no_change_converge_after_a_hostile_burst_keeps_every_cell_serving() -
     assert converged.returncode == 0, converged.stdout[-3000:]
     outcomes = load.outcomes()
     health_log = {
-        name: ssh(address, f"journalctl -u cellfleet-cell-health --since @{since[name]} -o cat")
+        name: ssh(address, f"journalctl -u {units.CELL_HEALTH} --since @{since[name]} -o cat")
         for name, address in CELLS.items()
     }
     print(f"hostile burst: {burst}; no-change converge under 2 clients: {dict(outcomes)}")

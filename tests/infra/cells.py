@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from conftest import main_pid
+from labkit import units
 from labkit.sending import SCRIPTS, script_command
 from labkit.waiting import until, until_gone
 
@@ -23,11 +24,11 @@ if TYPE_CHECKING:
 
 def cell_server_python(host: Host) -> str:
     """The python of the cell server's venv, read from its unit: it has tornado, the system python3 has not."""
-    start = host.check_output("systemctl show -p ExecStart --value cellserver.service")
+    start = host.check_output(f"systemctl show -p ExecStart --value {units.CELL_SERVER}")
     return str(PurePosixPath(start.split("path=", 1)[1].split()[0]).parent / "python3")
 
 
-HEALTH_CHECK_UNITS = ("cellfleet-cell-health.timer", "cellfleet-cell-health.service")
+HEALTH_CHECK_UNITS = (units.CELL_HEALTH_TIMER, units.CELL_HEALTH)
 
 
 def stop_health_checks(host: Host) -> None:
@@ -80,7 +81,7 @@ class Cell:
         """What find prints for tests under roots, seen from the kernel provider's mount namespace (the
         kernels' private /tmp, /var/tmp, /dev). A worker's reset may remove entries while find walks past
         them: an entry gone by the time find reads it is no error."""
-        provider = main_pid(self.host, "cellfleet-kernel-provider")
+        provider = main_pid(self.host, units.KERNEL_PROVIDER)
         command = f"find {roots} -xdev -ignore_readdir_race {tests}"
         found = self.host.run(f"nsenter -t {provider} -m sh -c {shlex.quote(command)}")
         errors = [line for line in found.stderr.splitlines() if not line.endswith("No such file or directory")]
@@ -89,7 +90,7 @@ class Cell:
 
     def reserve_kernels(self) -> set[str]:
         """The pids of the kernels the provider runs as workers (with nobody computing: the reserve)."""
-        provider = main_pid(self.host, "cellfleet-kernel-provider")
+        provider = main_pid(self.host, units.KERNEL_PROVIDER)
         children = [line.split() for line in self.host.run(f"ps -o pid=,uid= --ppid {provider}").stdout.splitlines()]
         return {pid for pid, uid in children if int(uid) in self.uids}
 
@@ -107,7 +108,8 @@ class Cell:
 
     def wait_until_idle(self) -> None:
         """No worker still being reset from an earlier computation, so every slot can take one."""
-        until_gone(lambda: self.host.run("pgrep -f cellfleet-worker-reset").stdout, 60)
+        resetting = until_gone(lambda: self.host.run("pgrep -af [c]ellfleet-worker-reset").stdout, 60)
+        assert not resetting, f"{self.node.name}: workers still being reset after 60 s:\n{resetting}"
 
 
 def first_cell(nodes: dict[str, Node]) -> Cell:
@@ -120,6 +122,6 @@ def first_cell(nodes: dict[str, Node]) -> Cell:
     port = int(node.setting("cell_server_port"))
     found = Cell(node, port, {entry["uid"]: name for name, entry in pool["workers"].items()}, pool["selinux_context"])
     # Another suite may have reset every worker (killing the reserve) or restarted the services.
-    node.host.run("systemctl start cellfleet-kernel-provider cellserver")
+    node.host.run(f"systemctl start {units.KERNEL_PROVIDER} {units.CELL_SERVER}")
     assert until(found.serves, 120, interval=2), f"{node.name}: the cell server answered no computation in 120 s"
     return found

@@ -14,27 +14,25 @@ import pytest
 from cells import Cell, cell_server_python, start_health_checks, stop_health_checks
 from cellserver.kernel_box import KERNEL_OOM_SCORE_ADJ
 from conftest import main_pid, seconds_until_back
+from labkit import units
 from labkit.sending import SCRIPTS, script_command
 from labkit.waiting import until
 
 
 def test_both_services_run_and_the_server_is_unprivileged(cell: Cell) -> None:
-    for unit in ("cellfleet-kernel-provider", "cellserver"):
+    for unit in (units.KERNEL_PROVIDER, units.CELL_SERVER):
         assert cell.host.service(unit).is_running, unit
-    assert cell.host.check_output("systemctl show -p User --value cellserver") == "cellserver"
-    assert cell.host.check_output("systemctl show -p Type --value cellserver") == "notify"
+    assert cell.host.check_output(f"systemctl show -p User --value {units.CELL_SERVER}") == "cellserver"
+    assert cell.host.check_output(f"systemctl show -p Type --value {units.CELL_SERVER}") == "notify"
 
 
 def test_the_units_parse_without_a_complaint(cell: Cell) -> None:
-    units = " ".join(
-        f"/etc/systemd/system/{unit}"
-        for unit in ("cellfleet-kernel-provider.service", "cellserver.service", "cellfleet-cell-health.service",
-                     "cellfleet-cell-health.timer")
-    )  # fmt: skip
-    verified = cell.host.run(f"systemd-analyze verify {units}")
+    installed = [units.KERNEL_PROVIDER, units.CELL_SERVER, units.CELL_HEALTH, units.CELL_HEALTH_TIMER]
+    paths = " ".join(f"/etc/systemd/system/{unit}" for unit in installed)
+    verified = cell.host.run(f"systemd-analyze verify {paths}")
     assert verified.rc == 0 and not verified.stderr.strip() and not verified.stdout.strip(), verified.stderr
     # A line glued to the one before it by a template parses, as an argument of that line's command.
-    assert cell.host.check_output("systemctl show -P Restart cellfleet-kernel-provider") == "always"
+    assert cell.host.check_output(f"systemctl show -P Restart {units.KERNEL_PROVIDER}") == "always"
 
 
 def test_a_computation_runs_as_a_pooled_worker_in_the_confined_domain(cell: Cell) -> None:
@@ -57,7 +55,7 @@ def test_worker_code_cannot_regain_privileges(cell: Cell) -> None:
 
 
 def test_out_of_memory_takes_a_kernel_and_never_the_provider(cell: Cell) -> None:
-    provider = main_pid(cell.host, "cellfleet-kernel-provider")
+    provider = main_pid(cell.host, units.KERNEL_PROVIDER)
     assert cell.host.check_output(f"cat /proc/{provider}/oom_score_adj") == "-1000"
     code = (
         "path = '/proc/self/oom_score_adj'\n"
@@ -227,7 +225,7 @@ def test_the_health_endpoint_runs_a_computation(cell: Cell) -> None:
 
 def seconds_after_signal(cell: Cell, signame: str, limit: float) -> dict:
     """Send signame to the server and time its replacement: a new process, then a /health answer from it."""
-    old = main_pid(cell.host, "cellserver")
+    old = main_pid(cell.host, units.CELL_SERVER)
     timing = script_command(SCRIPTS / "after_signal.py", str(cell.port), str(old), signame, str(limit))
     return json.loads(cell.host.check_output(timing))
 
@@ -241,14 +239,15 @@ def test_a_killed_server_is_back_and_healthy_within_seconds(cell: Cell) -> None:
 
 def test_a_frozen_server_is_restarted_by_the_watchdog(cell: Cell) -> None:
     watchdog = int(cell.node.setting("cell_server_watchdog_seconds"))
-    old = main_pid(cell.host, "cellserver")
+    old = main_pid(cell.host, units.CELL_SERVER)
     try:
         took = seconds_after_signal(cell, "SIGSTOP", watchdog + 60)
     finally:
         cell.host.run(f"kill -CONT {old} 2>/dev/null")
     print(f"SIGSTOP (WatchdogSec={watchdog}): new process after {took['new_process']} s, healthy: {took['healthy']} s")
     assert took["healthy"] is not None and took["healthy"] < watchdog + 30, took
-    assert "watchdog timeout" in cell.host.check_output("journalctl -u cellserver --since -3min --no-pager").lower()
+    journal = cell.host.check_output(f"journalctl -u {units.CELL_SERVER} --since -3min --no-pager")
+    assert "watchdog timeout" in journal.lower()
 
 
 def test_a_killed_nginx_is_started_again(cell: Cell) -> None:
@@ -263,11 +262,11 @@ def test_a_killed_nginx_is_started_again(cell: Cell) -> None:
 def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) -> None:
     # The port still answers, but no computation can run: the provider is frozen and the reserve kernels
     # are killed behind its back (it cannot reap them nor tell the server).
-    assert cell.host.service("cellfleet-cell-health.timer").is_running
+    assert cell.host.service(units.CELL_HEALTH_TIMER).is_running
     # A check the timer started before the fault would answer `systemctl start` with its own success.
     stop_health_checks(cell.host)
-    provider = main_pid(cell.host, "cellfleet-kernel-provider")
-    server = main_pid(cell.host, "cellserver")
+    provider = main_pid(cell.host, units.KERNEL_PROVIDER)
+    server = main_pid(cell.host, units.CELL_SERVER)
     cell.host.run_test(f"kill -STOP {provider}")
     # Its forks too: one still starting runs as root until it becomes its worker, out of reach of a kill by
     # uid, and would come up as a working kernel. Its worker resets (another command line) finish.
@@ -275,13 +274,13 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     for uid in cell.uids:
         cell.host.run(f"pkill -KILL -U {uid}")
     try:
-        check = cell.host.run("systemctl start cellfleet-cell-health.service")
+        check = cell.host.run(f"systemctl start {units.CELL_HEALTH}")
     finally:
         cell.host.run(f"kill -CONT {provider}")
         start_health_checks(cell.host)
     assert check.rc != 0
-    log = cell.host.check_output("journalctl -u cellfleet-cell-health --since '-5min' --no-pager")
-    assert "restarting cellserver.service" in log and "failed" in log
-    seconds_until_back(cell.node, "cellserver", server, 60)  # the check queued the restart
+    log = cell.host.check_output(f"journalctl -u {units.CELL_HEALTH} --since '-5min' --no-pager")
+    assert f"restarting {units.CELL_SERVER}" in log and "failed" in log
+    seconds_until_back(cell.node, units.CELL_SERVER, server, 60)  # the check queued the restart
     probe = script_command(SCRIPTS / "http_get.py", f"http://127.0.0.1:{cell.port}/health")
     assert until(lambda: cell.host.run(probe).rc == 0, 120, interval=1), "the restarted server is not healthy in 120 s"

@@ -17,6 +17,7 @@ import pytest
 
 from cells import Cell
 from conftest import main_pid
+from labkit import units
 
 PLACES = ("/tmp", "/var/tmp", "/dev/shm", "~")
 
@@ -40,7 +41,7 @@ print(json.dumps({"me": me, "cgroup": cgroup, "limits": limits, "seen": sorted(s
 
 @pytest.fixture
 def boxed(cell: Cell) -> Cell:
-    if "--box" not in cell.host.check_output("systemctl show -p ExecStart --value cellfleet-kernel-provider"):
+    if "--box" not in cell.host.check_output(f"systemctl show -p ExecStart --value {units.KERNEL_PROVIDER}"):
         pytest.skip("the kernel provider runs without boxes (cell_server_kernel_box: false)")
     return cell
 
@@ -69,7 +70,7 @@ def test_two_computations_run_in_separate_boxes(boxed: Cell) -> None:
 
 
 def pids_current_of_busiest_box(cell: Cell) -> int:
-    provider = main_pid(cell.host, "cellfleet-kernel-provider")
+    provider = main_pid(cell.host, units.KERNEL_PROVIDER)
     top = cell.host.check_output(f"dirname $(sed -n 's/^0:://p' /proc/{provider}/cgroup)")
     counts = cell.host.run(f"cat /sys/fs/cgroup{top}/kernel-*/pids.current").stdout.split()
     return max((int(count) for count in counts), default=0)
@@ -145,7 +146,7 @@ def test_nothing_of_a_computation_is_left_3_s_after_its_answer(boxed: Cell) -> N
     answer = boxed.compute(plant(marker))
     answered = time.monotonic()
     assert answer["status"] == 200 and "planted True" in answer["body"]["stdout"], answer
-    provider = main_pid(boxed.host, "cellfleet-kernel-provider")
+    provider = main_pid(boxed.host, units.KERNEL_PROVIDER)
     # The bracket keeps this command's own shell, whose command line holds the pattern, from matching.
     pattern = shlex.quote(f"[{marker[0]}]{marker[1:]}")
     places = "/tmp /var/tmp /dev/shm /home /home/* /run/cellfleet-kernels"  # a home is a mount of its own

@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import Node, main_pid, seconds_until_back
+from labkit import units
 from labkit.sending import SCRIPTS, script_command
 from labkit.waiting import until
 
-SERVICE = "cellfleet-permalinks.service"
+SERVICE = units.PERMALINKS
 # A kill lands while writes are under way: only then could a lost acknowledgement show.
 WRITES_UNDER_WAY = 5
 
@@ -66,9 +67,11 @@ def writes_go_on(data: Node, run: str) -> None:
 
 
 def postgresql_unit(node: Node) -> str:
-    units = node.host.check_output("systemctl list-units --plain --no-legend 'postgresql@*.service' postgresql.service")
-    running = [line.split()[0] for line in units.splitlines() if " running " in f" {line} "]
-    assert running, f"no running PostgreSQL server unit on {node.name}: {units}"
+    listed = node.host.check_output(
+        "systemctl list-units --plain --no-legend 'postgresql@*.service' postgresql.service"
+    )
+    running = [line.split()[0] for line in listed.splitlines() if " running " in f" {line} "]
+    assert running, f"no running PostgreSQL server unit on {node.name}: {listed}"
     return running[0]
 
 
@@ -102,7 +105,7 @@ def test_kill_9_of_the_service_and_of_postgresql_loses_no_acknowledged_permalink
 def test_the_backup_restores_what_it_saved(data: Node, writer_host: Node, url: str) -> None:
     before = write_for(writer_host, url, 1, f"backup{int(time.time())}")["acknowledged"]
     assert before
-    data.host.run_test("systemctl start cellfleet-permalink-backup.service")
+    data.host.run_test(f"systemctl start {units.PERMALINK_BACKUP}")
     backup = data.host.check_output("ls -1t /var/backups/cellfleet-permalinks/permalinks-* | head -1")
     after = write_for(writer_host, url, 1, f"afterbackup{int(time.time())}")["acknowledged"]
     data.host.run_test(f"cellfleet-permalink-restore {shlex.quote(backup)}")

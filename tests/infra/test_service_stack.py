@@ -18,6 +18,7 @@ import pytest
 
 from cells import cell_server_python
 from conftest import Node
+from labkit import units
 from labkit.sending import SCRIPTS, concurrent_requests_command, script_command
 from labkit.waiting import until
 
@@ -105,8 +106,8 @@ def stuck_sessions(lb: Node) -> dict[str, str]:
 def servers_log(lab: dict[str, Node], since: str) -> str:
     """Each cell's cell server, kernel provider and health check journals since a time: what a failed session
     left there."""
-    units = "-u cellserver -u cellfleet-kernel-provider -u cellfleet-cell-health"
-    command = f"journalctl {units} --since {shlex.quote(since)} --no-pager -o short-monotonic"
+    journals = f"-u {units.CELL_SERVER} -u {units.KERNEL_PROVIDER} -u {units.CELL_HEALTH}"
+    command = f"journalctl {journals} --since {shlex.quote(since)} --no-pager -o short-monotonic"
     return "\n".join(f"--- {cell.name}\n" + cell.host.run(command).stdout[-6000:] for cell in cells(lab))
 
 
@@ -253,6 +254,17 @@ def server_stats(lb: Node, backend: str, server: str) -> tuple[str, int]:
     raise AssertionError(f"{backend}/{server} not in the stats")
 
 
+def serving_worker(lb: Node) -> tuple[str, int]:
+    """The pid of the HAProxy worker that serves now, and the sessions its https frontend has taken since it
+    started (a reload starts a new worker, whose counters start at 0)."""
+    info = dict(line.split(": ", 1) for line in admin(lb, "show info").splitlines() if ": " in line)
+    for line in admin(lb, "show stat").splitlines():
+        fields = line.split(",")
+        if fields[:2] == ["https", "FRONTEND"]:
+            return info["Pid"], int(fields[7])
+    raise AssertionError("no https frontend in the stats")
+
+
 def wait_until_every_cell_is_up(lb: Node, backends: list[Node], seconds: float = 120) -> None:
     """The floods before this test can keep an emulated cell too busy to answer its health checks: HAProxy
     then marks it DOWN and answers 503 until the checks pass again. Start from a backend that serves."""
@@ -285,15 +297,20 @@ def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[s
     if drained:
         admin(lb, f"set server cells/{drained} state drain")
     try:
-        load_spec = {"urls": [f"https://{lb.address}{asset}"], "method": "GET", "concurrency": 4, "seconds": 25,
+        load_spec = {"urls": [f"https://{lb.address}{asset}"], "method": "GET", "concurrency": 4, "seconds": 60,
                      "fresh_connections": True}  # fmt: skip
         command = script_command(SCRIPTS / "http_load.py", json.dumps(load_spec))
         with ThreadPoolExecutor(1) as background:
             load = background.submit(clients(lab)[0].host.check_output, command)
-            time.sleep(3)
-            for _ in range(10):
-                lb.host.run_test("systemctl reload haproxy.service")
-                time.sleep(1.5)
+            # Each reload once the worker before it has taken new connections of the load: every worker
+            # hands over while connections arrive.
+            for reload in range(11):
+                worker, _ = serving_worker(lb)
+                taking = until(lambda: serving_worker(lb)[1] >= 3, 30, interval=0.2)
+                assert taking, f"HAProxy worker {worker} took no new connection of the load in 30 s"
+                if reload < 10:
+                    lb.host.run_test("systemctl reload haproxy.service")
+                    assert until(lambda: serving_worker(lb)[0] != worker, 30, interval=0.2), "no new worker"  # noqa: B023
             outcomes = json.loads(load.result(timeout=120))["outcomes"]
         print(f"10 reloads under load: {outcomes}")
         assert set(outcomes) == {"200"}, outcomes
@@ -308,9 +325,7 @@ def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[s
             admin(lb, f"set server cells/{drained} state ready")
     # A restart saves the states first (ExecStop), so it brings back what runs now, not the drain of a reload ago.
     lb.host.run_test("systemctl restart haproxy.service")
-    deadline = time.monotonic() + 30
-    while server_stats(lb, "cells", reweighted) != ("UP", weight):
-        assert time.monotonic() < deadline, server_stats(lb, "cells", reweighted)
-        time.sleep(1)
+    restored = until(lambda: server_stats(lb, "cells", reweighted) == ("UP", weight), 30, interval=1)
+    assert restored, f"after a restart cells/{reweighted} is {server_stats(lb, 'cells', reweighted)}, not UP"
     if drained:
         assert server_stats(lb, "cells", drained)[0] != "DRAIN"

@@ -18,9 +18,9 @@ import pytest
 
 from cells import Cell
 from conftest import main_pid
+from labkit import units
 from labkit.waiting import until_gone
 
-PROVIDER_UNIT = "cellfleet-kernel-provider"
 PROVIDER_SOCKET = "/run/cellfleet-kernel-provider/provider.sock"
 KERNEL_RUNTIME_DIR = "/run/cellfleet-kernels"
 # Root's files the attacks aim at: the test plants them, the attacks must neither read nor change them.
@@ -195,7 +195,7 @@ def test_a_kernel_inherits_no_service_environment_and_no_open_file(cell: Cell) -
     assert not SERVICE_VARIABLES & set(seen["environ"]), seen["environ"]
     pool = json.loads(cell.host.file("/etc/cellfleet/worker-pool.json").content_string)
     allowed = {f"{name}={value}" for name, value in pool["environment"].items()}
-    for unit in (PROVIDER_UNIT, "cellserver"):
+    for unit in (units.KERNEL_PROVIDER, units.CELL_SERVER):
         leaked = (service_environment(cell, unit) & environment) - allowed
         assert not leaked, f"{unit}'s environment reached the kernel: {leaked}"
     # The kernel's descriptors are its own sockets, pipes and event fds, /dev/null and its kernel directory:
@@ -254,7 +254,8 @@ def test_proc_and_sockets_of_other_computations_and_services_are_out_of_reach(ce
         # The bracket keeps pgrep's own shell, whose command line holds the pattern, from matching.
         holder_pids = cell.host.check_output(f"pgrep -f '[{secret[0]}]{secret[1:]}'").split()
         assert holder_pids, "the holder's process did not start"
-        pids = [*map(int, holder_pids), main_pid(cell.host, PROVIDER_UNIT), main_pid(cell.host, "cellserver"), 1]
+        services = [main_pid(cell.host, unit) for unit in (units.KERNEL_PROVIDER, units.CELL_SERVER)]
+        pids = [*map(int, holder_pids), *services, 1]
         snoop = SNOOP.replace("PIDS", repr(pids)).replace("KERNEL_RUNTIME_DIR", KERNEL_RUNTIME_DIR)
         answer = cell.compute(snoop.replace("PROVIDER_SOCKET", PROVIDER_SOCKET).replace("SECRET", secret))
         assert holding.result()["status"] == 200

@@ -14,13 +14,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from labkit.waiting import until
 
 ROOT = Path(__file__).resolve().parents[3]
 INVENTORY = ROOT / "inventory" / "lab" / "hosts.yml"
 SSH_KEY = "/var/lib/cellfleet/lab/ssh/id_ed25519"
-LOAD_BALANCER = "10.77.0.11"
-CELLS = {"cell1": "10.77.0.12", "cell2": "10.77.0.13"}
+
+
+def group_addresses(group: str, inventory: Path = INVENTORY) -> dict[str, str]:
+    """Each host of an inventory group, by name, and the address Ansible reaches it at."""
+    hosts = yaml.safe_load(inventory.read_text())["all"]["children"][group]["hosts"]
+    return {name: settings["ansible_host"] for name, settings in hosts.items()}
+
+
+[LOAD_BALANCER] = group_addresses("loadbalancers").values()
+CELLS = group_addresses("cells")
+[DATA_HOST] = group_addresses("permalink_db").values()
 LIBVIRT = "qemu:///system"
 EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
 NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
