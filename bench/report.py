@@ -341,7 +341,7 @@ def write_report(started: float, ran: dict[str, tuple[bool, float]]) -> Path:
         "| benchmark | what | measured |",
         "|---|---|---|",
     ]
-    sources = [*BENCHMARKS, Benchmark("chaos", "chaos.py", "chaos.json", "fault scenarios (`make chaos`)")]
+    sources = [*BENCHMARKS, Benchmark("chaos", "../tests/chaos", "chaos.json", "fault scenarios (`make chaos`)")]
     loaded: dict[str, Any] = {}
     for benchmark in sources:
         data, written = load(benchmark.result)

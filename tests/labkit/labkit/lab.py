@@ -13,9 +13,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from labkit.roles import default
 from labkit.waiting import until
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -27,6 +29,20 @@ def group_addresses(group: str, inventory: Path = INVENTORY) -> dict[str, str]:
     """Each host of an inventory group, by name, and the address Ansible reaches it at."""
     hosts = yaml.safe_load(inventory.read_text())["all"]["children"][group]["hosts"]
     return {name: settings["ansible_host"] for name, settings in hosts.items()}
+
+
+def group_variables(group: str, inventory: Path = INVENTORY) -> dict[str, Any]:
+    """What the inventory sets for a group's hosts: group_vars/all, then the group's own files over it."""
+    found: dict[str, Any] = {}
+    for directory in ("all", group):
+        for path in sorted((inventory.parent / "group_vars" / directory).glob("*.yml")):
+            found.update(yaml.safe_load(path.read_text()) or {})
+    return found
+
+
+def inventory_setting(group: str, name: str) -> Any:
+    """A variable's value for a group's hosts: the inventory's, else the role's documented default."""
+    return default(name, group_variables(group))
 
 
 [LOAD_BALANCER] = group_addresses("loadbalancers").values()
