@@ -1,11 +1,14 @@
-"""How the provider frees a worker once its kernel's box was killed: waiting for a slow box, resetting a stuck one."""
+"""How the provider frees a worker once its kernel's box was killed: at once for a box of a few tasks, once empty
+for a fork bomb's, waiting for a slow box, resetting a stuck one."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +33,11 @@ class ScriptedCgroups:
     def __init__(self, clock: Clock, counts: list[int]) -> None:
         self.clock, self.counts, self.start = clock, counts, clock.now
         self.removed = False
+        self.killed: list[Path] = []
+
+    def kill(self, path: Path) -> None:
+        self.killed.append(path)
+        self.start = self.clock.now
 
     def task_count(self, path: Path) -> int:
         second = int(self.clock.now - self.start)
@@ -101,3 +109,105 @@ def test_a_box_whose_count_stops_dropping_gets_the_full_reset_once(tmp_path: Pat
     waited = full_resets[0][1] - last_drop
     assert kernel_provider.BOX_DEATH_SECONDS < waited <= kernel_provider.BOX_DEATH_SECONDS + 0.5, waited
     assert provider.free_workers == [] and not provider.dying
+
+
+class Answers:
+    """Stands in for the cell server's connection: what the provider answered."""
+
+    def __init__(self) -> None:
+        self.kernels: set[str] = set()
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, answer: dict[str, Any]) -> None:
+        self.sent.append(answer)
+
+
+@pytest.fixture
+def kernel_process() -> Iterator[int]:
+    """A process group of its own to stand for a kernel (the release kills it)."""
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def live_boxed_kernel(
+    tmp_path: Path, clock: Clock, counts: list[int], pid: int
+) -> tuple[Provider, Answers, list[tuple[str, KernelRecord | None]], ScriptedCgroups]:
+    """A provider running one boxed kernel as worker w1 (the pool's only worker); the list collects the full
+    resets asked for. Its box's task count follows counts from the release on, one per second."""
+    cgroups = ScriptedCgroups(clock, counts)
+    provider = Provider(ProviderSettings(runtime_dir=tmp_path, box=BoxLimits()), cgroups)  # type: ignore[arg-type]
+    provider.free_workers.clear()
+    answers = Answers()
+    worker = Worker("w1", 60001, 60001, tmp_path / "home")
+    start_kernel(provider, answers, worker, "k1", pid)
+    full_resets: list[tuple[str, KernelRecord | None]] = []
+    provider.queue_reset = lambda worker, record: full_resets.append((worker.name, record))  # type: ignore[method-assign]
+    return provider, answers, full_resets, cgroups
+
+
+def start_kernel(provider: Provider, answers: Answers, worker: Worker, kernel_id: str, pid: int) -> KernelRecord:
+    record = KernelRecord(kernel_id, pid, provider.settings.runtime_dir / kernel_id, answers, worker)  # type: ignore[arg-type]
+    record.box = Box(provider.settings.runtime_dir / f"cgroup-{kernel_id}", -1)
+    provider.kernels[kernel_id] = record
+    answers.kernels.add(kernel_id)
+    return record
+
+
+def test_a_killed_box_of_a_few_tasks_frees_its_worker_before_it_is_empty(
+    tmp_path: Path, clock: Clock, kernel_process: int
+) -> None:
+    provider, answers, full_resets, cgroups = live_boxed_kernel(tmp_path, clock, [4, 4, 0], kernel_process)
+
+    assert provider.release("k1", (answers, 7)) is True
+
+    assert cgroups.killed == [tmp_path / "cgroup-k1"]
+    assert answers.sent == [{"id": 7, "released": "k1"}], "the release waited for the box to empty"
+    assert [worker.name for worker in provider.free_workers] == ["w1"]
+    assert not cgroups.removed and "k1" in provider.dying
+    poll_for(provider, clock, 3)
+    assert cgroups.removed and not provider.dying and full_resets == []
+
+
+def test_a_fork_bombs_killed_box_frees_its_worker_only_once_empty(
+    tmp_path: Path, clock: Clock, kernel_process: int
+) -> None:
+    counts = [900, 300, 0]
+    provider, answers, full_resets, cgroups = live_boxed_kernel(tmp_path, clock, counts, kernel_process)
+
+    provider.release("k1", (answers, 7))
+
+    assert answers.sent == [] and provider.free_workers == []
+    poll_for(provider, clock, 3)
+    assert answers.sent == [{"id": 7, "released": "k1"}]
+    assert [worker.name for worker in provider.free_workers] == ["w1"]
+    assert cgroups.removed and full_resets == []
+
+
+def test_a_worker_freed_early_whose_box_will_not_empty_is_taken_out_and_reset(
+    tmp_path: Path, clock: Clock, kernel_process: int
+) -> None:
+    provider, answers, full_resets, _cgroups = live_boxed_kernel(tmp_path, clock, [3] * 40, kernel_process)
+
+    provider.release("k1", (answers, 7))
+    assert [worker.name for worker in provider.free_workers] == ["w1"]
+    poll_for(provider, clock, int(kernel_provider.BOX_DEATH_SECONDS) + 3)
+
+    assert full_resets == [("w1", None)], "the worker of a box that would not empty stayed in the pool"
+    assert provider.free_workers == [] and not provider.dying
+
+
+def test_a_busy_worker_whose_old_box_will_not_empty_gets_the_full_reset_after_its_kernel(
+    tmp_path: Path, clock: Clock, kernel_process: int
+) -> None:
+    provider, answers, full_resets, _cgroups = live_boxed_kernel(tmp_path, clock, [3] * 40, kernel_process)
+    provider.release("k1", (answers, 7))
+    worker = provider.free_workers.pop(0)  # taken by the next computation before the old box is found stuck
+    second = start_kernel(provider, answers, worker, "k2", kernel_process)
+
+    poll_for(provider, clock, int(kernel_provider.BOX_DEATH_SECONDS) + 3)
+    assert full_resets == [], "the reset would have killed the computation the worker runs now"
+    provider.release("k2", (answers, 8))
+
+    assert full_resets == [("w1", second)]

@@ -101,6 +101,12 @@ BOX_POLL_SECONDS = 0.01  # how often a killed box is checked for its last proces
 # is left to finish: a starved cell takes long to end a fork bomb's tasks, and the full reset run meanwhile
 # (a filesystem walk, restorecon) starved it further.
 BOX_DEATH_SECONDS = 5.0
+# A killed box holding at most this many tasks frees its worker at once, before its last task has gone:
+# cgroup.kill queued SIGKILL for every task in the box, forks racing it included, so none of them runs user
+# code again, and the worker's next kernel gets a cgroup and a home of its own. More tasks (a fork bomb's)
+# count against the worker's RLIMIT_NPROC until they are reaped and could refuse its next kernel's processes,
+# so such a box frees its worker only once it is empty.
+EARLY_REUSE_TASKS = 32
 PARALLEL_RESETS = 1  # full resets at once: each is a filesystem walk that a starved cell pays for in seconds
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
@@ -163,6 +169,7 @@ class KernelRecord:
     released_at: float = 0.0  # when its release began: the clock of release-to-reusable
     box_tasks: int | None = None  # tasks last seen in its killed box
     box_emptying_at: float = 0.0  # when that count was first seen or last dropped
+    worker_freed: bool = False  # its worker went back to the pool while the killed box still emptied
 
 
 @dataclass
@@ -291,6 +298,8 @@ class Provider:
         self.resets: dict[int, tuple[Worker, KernelRecord | None, subprocess.Popen[bytes]]] = {}
         self.reset_queue: list[tuple[Worker, KernelRecord | None]] = []
         self.dying: dict[str, KernelRecord] = {}  # killed boxes waiting for their last process
+        # Workers freed early whose old box then would not empty: their next release gets the full reset.
+        self.suspect_workers: set[str] = set()
         self.selector = selectors.DefaultSelector()
         self.wakeup_reader, wakeup_writer = os.pipe()
         os.set_blocking(self.wakeup_reader, False)
@@ -484,9 +493,16 @@ class Provider:
             self.forget(record)
             return False
         record.release_id = answer_to or (None, None)
-        if record.box is not None:
-            # Everything the kernel could touch is in its box: it is clean once the box is empty.
+        if record.box is not None and record.worker.name in self.suspect_workers:
+            self.suspect_workers.discard(record.worker.name)
+            self.queue_reset(record.worker, record)
+        elif record.box is not None and self.cgroups is not None:
+            # Everything the kernel could touch is in its box: it is clean once the box is empty, and its
+            # worker is reusable once every task in it is killed and its home detached (see EARLY_REUSE_TASKS).
             self.dying[kernel_id] = record
+            if self.detach_home(record.worker) and self.cgroups.task_count(record.box.cgroup) <= EARLY_REUSE_TASKS:
+                record.worker_freed = True
+                self.reusable(record)
             self.collect_boxes()
         else:
             # Without a box a kernel may have left processes outside its group and files anywhere it can
@@ -529,19 +545,49 @@ class Provider:
         self.kernels.pop(record.kernel_id, None)
         shutil.rmtree(record.directory, ignore_errors=True)
 
+    def detach_home(self, worker: Worker) -> bool:
+        """Detach the worker's home from the provider's view (the killed kernel keeps its own until it is gone)."""
+        try:
+            unmount_home(worker)
+        except OSError as error:
+            log.error("%s: its home could not be detached: %s", worker.name, error)
+            return False
+        return True
+
+    def reusable(self, record: KernelRecord) -> None:
+        assert record.worker is not None
+        reusable_ms = (time.monotonic() - record.released_at) * 1000
+        log.info("%s reusable %.1f ms after its kernel's release", record.worker.name, reusable_ms)
+        self.finish_release(record, record.worker, clean=True)
+
     def collect_boxes(self) -> None:
-        """Free the workers whose killed box has emptied; a box that will not empty gets the full reset."""
+        """Remove the killed boxes that have emptied, freeing the workers still waiting for them; a box that will
+        not empty gets the full reset, or, when its worker was freed early, the worker's next release does."""
         for kernel_id, record in list(self.dying.items()):
-            assert record.worker is not None
-            if self.throw_box_away(record.worker, record.box):
+            assert record.worker is not None and record.box is not None and self.cgroups is not None
+            if record.worker_freed:
+                if self.cgroups.is_empty(record.box.cgroup) and self.cgroups.remove(record.box.cgroup):
+                    del self.dying[kernel_id]
+                elif not self.box_still_emptying(record):
+                    del self.dying[kernel_id]
+                    log.error("kernel %s: its box %s still holds processes after cgroup.kill; %s gets the full "
+                              "reset", kernel_id, record.box.cgroup, record.worker.name)  # fmt: skip
+                    self.suspect(record.worker)
+            elif self.throw_box_away(record.worker, record.box):
                 del self.dying[kernel_id]
-                reusable_ms = (time.monotonic() - record.released_at) * 1000
-                log.info("%s reusable %.1f ms after its kernel's release", record.worker.name, reusable_ms)
-                self.finish_release(record, record.worker, clean=True)
+                self.reusable(record)
             elif not self.box_still_emptying(record):
                 del self.dying[kernel_id]
                 log.error("kernel %s: its box still holds processes after cgroup.kill", kernel_id)
                 self.queue_reset(record.worker, record)
+
+    def suspect(self, worker: Worker) -> None:
+        """A worker whose old box would not empty: reset now if it is free, else after its current kernel."""
+        if worker in self.free_workers:
+            self.free_workers.remove(worker)
+            self.queue_reset(worker, None)
+        else:
+            self.suspect_workers.add(worker.name)
 
     def queue_reset(self, worker: Worker, record: KernelRecord | None) -> None:
         self.reset_queue.append((worker, record))
