@@ -108,7 +108,9 @@ class Cell:
 
     def wait_until_idle(self) -> None:
         """No worker still being reset from an earlier computation, so every slot can take one."""
-        resetting = until_gone(lambda: self.host.run("pgrep -af [c]ellfleet-worker-reset").stdout, 60)
+        # A reset's command line names its worker after the tool; the provider's (and its kernels') name the
+        # tool as an option's value, followed by the next option. The bracket keeps pgrep's own shell out.
+        resetting = until_gone(lambda: self.host.run("pgrep -af '[c]ellfleet-worker-reset [^-]'").stdout, 60)
         assert not resetting, f"{self.node.name}: workers still being reset after 60 s:\n{resetting}"
 
 
