@@ -458,12 +458,7 @@ class Provider:
             return True
         if not (self.cgroups.is_empty(box.cgroup) and self.cgroups.remove(box.cgroup)):
             return False
-        try:
-            unmount_home(worker)
-        except OSError as error:
-            log.error("%s: its home could not be detached: %s", worker.name, error)
-            return False
-        return True
+        return self.detach_home(worker)
 
     def fork_kernel(self, worker: Worker | None, info: dict[str, Any], limits: dict[str, int], box: Box | None) -> int:
         provider = os.getpid()
