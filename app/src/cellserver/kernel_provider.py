@@ -560,21 +560,19 @@ class Provider:
         not empty gets the full reset, or, when its worker was freed early, the worker's next release does."""
         for kernel_id, record in list(self.dying.items()):
             assert record.worker is not None and record.box is not None and self.cgroups is not None
-            if record.worker_freed:
-                if self.cgroups.is_empty(record.box.cgroup) and self.cgroups.remove(record.box.cgroup):
-                    del self.dying[kernel_id]
-                elif not self.box_still_emptying(record):
-                    del self.dying[kernel_id]
-                    log.error("kernel %s: its box %s still holds processes after cgroup.kill; %s gets the full "
-                              "reset", kernel_id, record.box.cgroup, record.worker.name)  # fmt: skip
-                    self.suspect(record.worker)
-            elif self.throw_box_away(record.worker, record.box):
+            emptied = self.cgroups.is_empty(record.box.cgroup) and self.cgroups.remove(record.box.cgroup)
+            # A worker still waiting needs its home detached too (a release whose detach failed tries again).
+            if emptied and (record.worker_freed or self.detach_home(record.worker)):
                 del self.dying[kernel_id]
-                self.reusable(record)
+                if not record.worker_freed:
+                    self.reusable(record)
             elif not self.box_still_emptying(record):
                 del self.dying[kernel_id]
                 log.error("kernel %s: its box still holds processes after cgroup.kill", kernel_id)
-                self.queue_reset(record.worker, record)
+                if record.worker_freed:
+                    self.suspect(record.worker)
+                else:
+                    self.queue_reset(record.worker, record)
 
     def suspect(self, worker: Worker) -> None:
         """A worker whose old box would not empty: reset now if it is free, else after its current kernel."""
