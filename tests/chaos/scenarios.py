@@ -30,7 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from labkit import units
-from labkit.lab import CELLS, DATA_HOST, LOAD_BALANCER, StatusWatch, admin, inventory_setting, server_state, ssh, virsh
+from labkit.lab import (
+    CELLS,
+    DATA_HOST,
+    LOAD_BALANCER,
+    StatusWatch,
+    forget_request_rates,
+    inventory_setting,
+    server_state,
+    ssh,
+    virsh,
+)
 from labkit.load import Sample, SteadyLoad, enter_lab_namespace
 from labkit.sending import concurrent_requests_command
 from labkit.waiting import until
@@ -452,12 +462,6 @@ def statuses_from(address: str, count: int) -> list[int | str]:
     return [status for status, _headers, _body in json.loads(ssh(address, command))]
 
 
-def forget_request_rates() -> None:
-    """Start from no counted requests (the limits count the last 10 s; the scenarios before sent many)."""
-    for table in RATE_TABLES:
-        admin(f"clear table {table}")
-
-
 def flood(per_ip_limit: int) -> Outcome:
     forget_request_rates()
     flooded = statuses_from(CELLS["cell1"], per_ip_limit * 2)  # twice its limit at once, then another VM's two
@@ -469,9 +473,6 @@ def flood(per_ip_limit: int) -> Outcome:
         "flood against the rate limits", f"{per_ip_limit * 2} computations at once from cell1, then 2 from data1",
         "the flood beyond the per-client limit gets 429; the other client is served", 0, passed, numbers,
     )  # fmt: skip
-
-
-RATE_TABLES = ("rate_compute_per_ip", "rate_compute_total", "rate_permalink_per_ip", "rate_permalink_total")
 
 
 def lab_rate_limit_per_ip() -> int:

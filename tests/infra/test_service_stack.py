@@ -19,6 +19,7 @@ import pytest
 from cells import cell_server_python
 from conftest import Node
 from labkit import units
+from labkit.lab import RATE_TABLES
 from labkit.sending import SCRIPTS, concurrent_requests_command, script_command
 from labkit.waiting import until
 
@@ -49,9 +50,6 @@ def cells(lab: dict[str, Node]) -> list[Node]:
 
 def send(client: Node, url: str, method: str = "GET", fields: dict | None = None, count: int = 1) -> list:
     return json.loads(client.host.check_output(concurrent_requests_command(url, method, fields or {}, count)))
-
-
-RATE_TABLES = ("rate_compute_per_ip", "rate_compute_total", "rate_permalink_per_ip", "rate_permalink_total")
 
 
 def forget_request_rates(lb: Node) -> None:

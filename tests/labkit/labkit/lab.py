@@ -73,6 +73,19 @@ def admin(command: str, load_balancer: str = LOAD_BALANCER) -> str:
     return ssh(load_balancer, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
 
 
+# The stick tables HAProxy counts requests in for its rate limits (roles/haproxy's configuration).
+RATE_TABLES = ("rate_compute_per_ip", "rate_compute_total", "rate_permalink_per_ip", "rate_permalink_total")
+
+
+def forget_request_rates(load_balancer: str = LOAD_BALANCER) -> None:
+    """Start from no counted requests: the limits count the last 10 s, and what ran before sent many."""
+    for table in RATE_TABLES:
+        admin(f"clear table {table}", load_balancer)
+    for table in RATE_TABLES:
+        listed = admin(f"show table {table}", load_balancer)
+        assert "used:0" in listed, listed
+
+
 def server_stats(server: str, backend: str = "cells") -> dict[str, str] | None:
     """One server's row of the runtime API's CSV statistics, by column name; None when it has no such server.
 
