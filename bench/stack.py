@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labkit.lab import LOAD_BALANCER, rate_limits_exempted, ssh
+from labkit.lab import CELLS, DATA_HOST, LOAD_BALANCER, PERMALINK_PORT, mesh_address, rate_limits_exempted, ssh
 from labkit.measure import load_from_vm, summary
-from labkit.sending import concurrent_requests_command
+from labkit.sending import answers_from, requests_command
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,13 +38,15 @@ def drive(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load-balancer", default=LOAD_BALANCER, help="the load balancer (runs the load too)")
-    parser.add_argument("--cells", nargs="+", default=["10.78.0.12", "10.78.0.13"], help="mesh addresses")
-    parser.add_argument("--permalink-host", default="10.78.0.14", help="mesh address")
+    parser.add_argument("--cells", nargs="+", help="mesh addresses (default: the lab's cells')")
+    parser.add_argument("--permalink-host", help="mesh address (default: the lab's permalink host's)")
     parser.add_argument("--seconds", type=float, default=30.0, help="per computation load")
     parser.add_argument("--read-seconds", type=float, default=10.0, help="per permalink read load")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients at once")
     args = parser.parse_args()
     lb = args.load_balancer
+    cells = args.cells or [mesh_address(address) for address in CELLS.values()]
+    permalink_host = args.permalink_host or mesh_address(DATA_HOST)
     balanced = "https://127.0.0.1"
     computation = {"code": "print(1+1)"}
     results: dict[str, Any] = {"through HAProxy+TLS": {}, "direct": {}}
@@ -55,17 +57,17 @@ def main() -> None:
             results["through HAProxy+TLS"][load] = drive(
                 lb, [f"{balanced}/service"], "POST", computation, '"2\\n"', clients, args.seconds
             )
-            direct = [f"http://{cell}/service" for cell in args.cells]
+            direct = [f"http://{cell}/service" for cell in cells]
             results["direct"][load] = drive(lb, direct, "POST", computation, '"2\\n"', clients, args.seconds)
-        [(_status, _headers, made)] = json.loads(
-            ssh(lb, concurrent_requests_command(f"{balanced}/permalink", "POST", {"code": "print('bench')"}, 1))
+        [(_status, _headers, made)] = answers_from(
+            ssh(lb, requests_command(f"{balanced}/permalink", "POST", {"code": "print('bench')"}))
         )
         ident = json.loads(made)["query"]
         load = "permalink reads, 8 clients"
         read = f"/permalink?q={ident}"
         results["through HAProxy+TLS"][load] = drive(lb, [balanced + read], "GET", {}, "bench", 8, args.read_seconds)
         results["direct"][load] = drive(
-            lb, [f"http://{args.permalink_host}:8889{read}"], "GET", {}, "bench", 8, args.read_seconds
+            lb, [f"http://{permalink_host}:{PERMALINK_PORT}{read}"], "GET", {}, "bench", 8, args.read_seconds
         )
     print(f"Lab under QEMU emulation; load from {lb} itself, keep-alive clients; ratio = HAProxy+TLS / direct")
     print(f"{'load':28} {'path':20} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}  outcomes")

@@ -42,7 +42,7 @@ from labkit.lab import (
     virsh,
 )
 from labkit.load import Sample, SteadyLoad, enter_lab_namespace
-from labkit.sending import concurrent_requests_command
+from labkit.sending import answers_from, requests_command
 from labkit.waiting import until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -458,8 +458,8 @@ def steady_load_control(seconds: float = 300) -> Outcome:
 
 def statuses_from(address: str, count: int) -> list[int | str]:
     """`count` computations sent at once from the VM at `address`: each answer's status or error name."""
-    command = concurrent_requests_command(URL, "POST", {"code": "1"}, count)
-    return [status for status, _headers, _body in json.loads(ssh(address, command))]
+    command = requests_command(URL, "POST", {"code": "1"}, count)
+    return [status for status, _headers, _body in answers_from(ssh(address, command))]
 
 
 def flood(per_ip_limit: int) -> Outcome:

@@ -75,10 +75,12 @@ def test_snapshot_of_a_serving_cell_drops_nothing_and_its_clone_has_its_own_iden
                 f"{NEW_CELL} not UP in the load balancer 3 min after add-server"
             )
             # Cloned from cell1's disk, it kept none of cell1's identity.
-            identity = "cat /etc/machine-id /etc/wireguard/wg0.pub /etc/ssh/ssh_host_ed25519_key.pub"
+            identity = (
+                f"cat /etc/machine-id {lab.MESH_CONFIG_DIR}/{lab.MESH_INTERFACE}.pub /etc/ssh/ssh_host_ed25519_key.pub"
+            )
             source, clone = (ssh(address, identity).split("\n") for address in (CELLS["cell1"], NEW_CELL_ADDRESS))
             assert all(mine != theirs for mine, theirs in zip(source[:3], clone[:3], strict=True)), (source, clone)
-            assert len(ssh(CELLS["cell1"], "wg show wg0 latest-handshakes").splitlines()) == 4
+            assert len(ssh(CELLS["cell1"], f"wg show {lab.MESH_INTERFACE} latest-handshakes").splitlines()) == 4
             # leastconn sends the new cell its share once it is up.
             until(lambda: int(server_stats(NEW_CELL)["stot"]) > 0, 120, interval=2)
             served_by_new = int(server_stats(NEW_CELL)["stot"])

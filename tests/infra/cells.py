@@ -88,6 +88,13 @@ class Cell:
         assert found.rc == 0 or (found.rc == 1 and not errors), found
         return found.stdout
 
+    def a_kernel_sees(self, path: str) -> bool:
+        """Whether some process of a worker has path in its own view of the filesystem (a box's private /tmp or
+        home exist only in the mount namespace of that box's processes)."""
+        uids = ",".join(str(uid) for uid in self.uids)
+        look = f"for pid in $(pgrep -u {uids}); do test -e /proc/$pid/root{shlex.quote(path)} && exit 0; done; exit 1"
+        return self.host.run(look).rc == 0
+
     def reserve_kernels(self) -> set[str]:
         """The pids of the kernels the provider runs as workers (with nobody computing: the reserve)."""
         provider = main_pid(self.host, units.KERNEL_PROVIDER)

@@ -148,12 +148,9 @@ def reachability(nodes: dict[str, Node], listeners: None) -> dict[tuple[str, str
     return matrix
 
 
-MESH_INTERFACE = "wg0"
-
-
 def mesh_address(node: Node) -> str | None:
     """The node's address on the WireGuard mesh, read from the interface itself; None off the mesh."""
-    result = node.host.run(f"ip -o -4 addr show dev {MESH_INTERFACE}")
+    result = node.host.run(f"ip -o -4 addr show dev {node.setting('private_network_interface')}")
     if result.rc != 0 or not result.stdout.strip():
         return None
     return result.stdout.split()[3].split("/")[0]
@@ -165,7 +162,7 @@ def mesh_addresses(nodes: dict[str, Node]) -> dict[str, str]:
     addresses = {name: mesh_address(node) for name, node in nodes.items()}
     missing = sorted(name for name, address in addresses.items() if address is None)
     if missing:
-        pytest.skip(f"not on the {MESH_INTERFACE} mesh: {', '.join(missing)}")
+        pytest.skip(f"not on the WireGuard mesh: {', '.join(missing)}")
     return {name: address for name, address in addresses.items() if address}
 
 

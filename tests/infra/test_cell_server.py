@@ -15,7 +15,7 @@ from cells import Cell, cell_server_python, start_health_checks, stop_health_che
 from cellserver.kernel_box import KERNEL_OOM_SCORE_ADJ
 from conftest import main_pid, seconds_until_back
 from labkit import units
-from labkit.sending import SCRIPTS, script_command
+from labkit.sending import SCRIPTS, fetch, script_command
 from labkit.waiting import until
 
 
@@ -129,7 +129,7 @@ def test_a_computation_cannot_read_what_another_left_running(cell: Cell) -> None
     holder = (
         "import os, time\n"
         "open('/tmp/secret-of-a', 'w').write('a'); open(os.path.expanduser('~/secret-of-a'), 'w').write('a')\n"
-        "time.sleep(8)\n"
+        "time.sleep(20)\n"
     )
     thief = (
         "import glob, os\n"
@@ -141,9 +141,11 @@ def test_a_computation_cannot_read_what_another_left_running(cell: Cell) -> None
     )
     with ThreadPoolExecutor(1) as background:
         holding = background.submit(cell.compute, holder)
-        time.sleep(3)
+        assert until(lambda: cell.a_kernel_sees("/tmp/secret-of-a"), 60, interval=0.5), "the holder never ran"
         stolen = cell.stdout(thief)
+        held_throughout = cell.a_kernel_sees("/tmp/secret-of-a")
         assert holding.result()["status"] == 200
+    assert held_throughout, "the holder's files were gone before the thief's answer: nothing was tested"
     # Each worker's /tmp file is private to it (13: permission denied) and homes are closed (nothing found).
     assert "'a'" not in stolen, stolen
 
@@ -202,7 +204,7 @@ def test_the_wall_limit_and_the_memory_limit_hold(cell: Cell) -> None:
 def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> None:
     # A server that took every reserve kernel for dead released and restarted them without end: the idle
     # cell's whole CPU went on starting kernels, and every computation waited seconds for one.
-    fetch = script_command(SCRIPTS / "http_get.py", f"http://127.0.0.1:{cell.port}/health", "--timeout", "60")
+    health = f"http://127.0.0.1:{cell.port}/health"
     stop_health_checks(cell.host)
     try:
         cell.wait_until_idle()
@@ -210,7 +212,7 @@ def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> No
         # /health refreshes (in a reserve kernel) once its answer is older than cell_server_health_max_age.
         max_age = float(cell.node.setting("cell_server_health_max_age"))
         for _ in range(4):
-            cell.host.run_test(fetch)
+            assert fetch(cell.host, health, timeout=60)[0] == 200
             time.sleep(max_age + 1)
         after = cell.reserve_kernels()
     finally:
@@ -219,8 +221,8 @@ def test_an_idle_cell_keeps_its_reserve_while_health_is_probed(cell: Cell) -> No
 
 
 def test_the_health_endpoint_runs_a_computation(cell: Cell) -> None:
-    output = cell.host.check_output(script_command(SCRIPTS / "http_get.py", f"http://127.0.0.1:{cell.port}/health"))
-    assert json.loads(output)["healthy"] is True
+    status, _headers, body = fetch(cell.host, f"http://127.0.0.1:{cell.port}/health")
+    assert status == 200 and json.loads(body)["healthy"] is True, body
 
 
 def seconds_after_signal(cell: Cell, signame: str, limit: float) -> dict:
@@ -255,8 +257,7 @@ def test_a_killed_nginx_is_started_again(cell: Cell) -> None:
     old = main_pid(cell.host, "nginx")
     cell.host.run_test(f"kill -9 {old}")
     seconds_until_back(cell.node, "nginx", old, 30)
-    fetch = script_command(SCRIPTS / "http_get.py", "http://127.0.0.1/", "--timeout", "30", "--status")
-    assert cell.host.check_output(fetch) == "200"
+    assert fetch(cell.host, "http://127.0.0.1/", timeout=30)[0] == 200
 
 
 def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) -> None:
@@ -282,5 +283,6 @@ def test_the_health_timer_restarts_a_server_whose_computations_fail(cell: Cell) 
     log = cell.host.check_output(f"journalctl -u {units.CELL_HEALTH} --since '-5min' --no-pager")
     assert f"restarting {units.CELL_SERVER}" in log and "failed" in log
     seconds_until_back(cell.node, units.CELL_SERVER, server, 60)  # the check queued the restart
-    probe = script_command(SCRIPTS / "http_get.py", f"http://127.0.0.1:{cell.port}/health")
-    assert until(lambda: cell.host.run(probe).rc == 0, 120, interval=1), "the restarted server is not healthy in 120 s"
+    health = f"http://127.0.0.1:{cell.port}/health"
+    healthy = until(lambda: fetch(cell.host, health)[0] == 200, 120, interval=1)
+    assert healthy, "the restarted server is not healthy in 120 s"

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
+from cells import first_cell
 from conftest import Node
-from labkit.sending import SCRIPTS, script_command
+from labkit.sending import SCRIPTS, fetch, script_command
 from labkit.waiting import until
 
 LOG_DIR = "/var/log/cellfleet-hosts"
@@ -63,18 +64,16 @@ def test_lines_from_every_node_reach_their_own_file(log_host: Node, clients: lis
         assert f" {client.name} user.notice {program}:" in line, line
 
 
-def test_the_computation_log_reaches_the_log_host(log_host: Node, clients: list[Node]) -> None:
-    cells = [client for client in clients if "cells" in client.groups]
-    if not cells:
-        pytest.skip("no cell in the inventory")
-    cell = cells[0]
+def test_the_computation_log_reaches_the_log_host(log_host: Node, nodes: dict[str, Node]) -> None:
+    cell = first_cell(nodes)
     marker = tag()
-    post = script_command(SCRIPTS / "post_service.py", str(cell.setting("cell_server_port")), f"print({marker!r})")
-    [posted] = json.loads(cell.host.check_output(post))
-    answer = posted["body"]
-    assert answer["success"] and marker in answer["stdout"]
-    wait_for(lambda: any(marker in line for line in received(log_host, cell, "cellserver")), 60, "the computation log")
-    [line] = [line for line in received(log_host, cell, "cellserver") if marker in line]
+    assert marker in cell.stdout(f"print({marker!r})")
+
+    def logged() -> list[str]:
+        return [line for line in received(log_host, cell.node, "cellserver") if marker in line]
+
+    wait_for(lambda: bool(logged()), 60, "the computation log")
+    [line] = logged()
     assert " local3.info cellserver:" in line, line
     assert json.loads(line.split("cellserver: ", 1)[1])["type"] == "service"
 
@@ -86,7 +85,7 @@ def test_nginx_logs_requests_but_not_passing_health_checks(log_host: Node, clien
         pytest.skip("no cell in the inventory")
     cell, health, other = cells[0], tag(), tag()
     for url in (f"http://127.0.0.1/health?probe={health}", f"http://127.0.0.1/static/{other}.css"):
-        cell.host.run(script_command(SCRIPTS / "http_get.py", url, "--timeout", "60"))  # the .css is not there
+        fetch(cell.host, url, timeout=60)  # the .css is not there: a 404, logged
     wait_for(lambda: any(other in line for line in received(log_host, cell, "nginx")), 60, "nginx's line for a request")
     assert not any(health in line for line in received(log_host, cell, "nginx")), "a passing /health was logged"
 

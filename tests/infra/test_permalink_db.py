@@ -12,7 +12,7 @@ import pytest
 
 from conftest import Node, main_pid, seconds_until_back
 from labkit import units
-from labkit.sending import SCRIPTS, script_command
+from labkit.sending import SCRIPTS, fetch, script_command
 from labkit.waiting import until
 
 SERVICE = units.PERMALINKS
@@ -110,7 +110,7 @@ def test_the_backup_restores_what_it_saved(data: Node, writer_host: Node, url: s
     after = write_for(writer_host, url, 1, f"afterbackup{int(time.time())}")["acknowledged"]
     data.host.run_test(f"cellfleet-permalink-restore {shlex.quote(backup)}")
     health = f"http://127.0.0.1:{data.setting('cellfleet_permalink_port')}/health"
-    healthy = until(lambda: data.host.run(script_command(SCRIPTS / "http_get.py", health)).rc == 0, 30, interval=1)
+    healthy = until(lambda: fetch(data.host, health)[0] == 200, 30, interval=1)
     assert healthy, "the permalink service is not healthy 30 s after the restore"
     found = read_back(writer_host, url, sorted(before) + sorted(after))
     assert all(found[ident] == code for ident, code in before.items()), found

@@ -11,13 +11,23 @@ import time
 
 import pytest
 
-from conftest import CONNECT_TIMEOUT_SECONDS, CONNECTED, MESH_INTERFACE, Node, tcp_connect_many
+from conftest import CONNECT_TIMEOUT_SECONDS, CONNECTED, Node, tcp_connect_many
 
-KEY_DIR = "/etc/wireguard"
-PERMALINK_PORT = 8889
-RELP_PORT = 2514
-POSTGRESQL_PORT = 5432
+POSTGRESQL_PORT = 5432  # PostgreSQL's own, which the role does not change
 LAB_NETNS = "cellfleet"
+
+
+def interface(node: Node) -> str:
+    return str(node.setting("private_network_interface"))
+
+
+def key_path(node: Node) -> str:
+    return f"{node.setting('private_network_config_dir')}/{interface(node)}.key"
+
+
+def wg(node: Node, subcommand: str) -> str:
+    """What `wg show <the mesh interface> subcommand` prints on node."""
+    return node.host.check_output(f"wg show {interface(node)} {subcommand}")
 
 
 def data_hosts(nodes: dict[str, Node]) -> list[Node]:
@@ -36,7 +46,7 @@ def test_every_node_has_completed_a_handshake_with_every_peer(
     for node in nodes.values():
         deadline = time.monotonic() + 30
         while True:
-            handshakes = node.host.check_output(f"wg show {MESH_INTERFACE} latest-handshakes").splitlines()
+            handshakes = wg(node, "latest-handshakes").splitlines()
             stamps = [int(line.split()[1]) for line in handshakes]
             if len(stamps) == len(nodes) - 1 and all(stamps):
                 break
@@ -47,17 +57,18 @@ def test_every_node_has_completed_a_handshake_with_every_peer(
 def test_private_keys_stay_on_their_node(nodes: dict[str, Node]) -> None:
     public_keys = {}
     for node in nodes.values():
-        key_file = node.host.file(f"{KEY_DIR}/{MESH_INTERFACE}.key")
+        key_file = node.host.file(key_path(node))
         assert (key_file.user, key_file.group, key_file.mode) == ("root", "root", 0o600), node.name
         private_key = key_file.content_string.strip()
-        assert node.host.check_output(f"wg show {MESH_INTERFACE} private-key") == private_key, node.name
-        public_keys[node.name] = node.host.check_output(f"wg show {MESH_INTERFACE} public-key")
+        assert wg(node, "private-key") == private_key, node.name
+        public_keys[node.name] = wg(node, "public-key")
         for other in nodes.values():
             if other is not node:
-                leaked = other.host.run(f"grep -rlF -e {shlex.quote(private_key)} {KEY_DIR} /etc /root /tmp")
+                places = f"{other.setting('private_network_config_dir')} /etc /root /tmp"
+                leaked = other.host.run(f"grep -rlF -e {shlex.quote(private_key)} {places}")
                 assert leaked.stdout == "", f"{node.name}'s private key found on {other.name}: {leaked.stdout}"
     for node in nodes.values():
-        peers = set(node.host.check_output(f"wg show {MESH_INTERFACE} peers").split())
+        peers = set(wg(node, "peers").split())
         assert peers == {key for name, key in public_keys.items() if name != node.name}, node.name
 
 
@@ -79,7 +90,8 @@ def test_database_and_log_ports_answer_over_the_mesh_only(
     nodes: dict[str, Node], mesh_addresses: dict[str, str]
 ) -> None:
     for data in data_hosts(nodes):
-        services = (("permalink_db", PERMALINK_PORT), ("log_servers", RELP_PORT))
+        relp_port = int(data.setting("rsyslog_relp_port"))
+        services = (("permalink_db", int(data.setting("cellfleet_permalink_port"))), ("log_servers", relp_port))
         ports = [port for group, port in services if group in data.groups]
         for port in ports:
             assert data.host.socket(f"tcp://0.0.0.0:{port}").is_listening, f"nothing listens on {data.name}:{port}"
@@ -91,7 +103,7 @@ def test_database_and_log_ports_answer_over_the_mesh_only(
                 assert status != CONNECTED, f"{source.name} reached {data.name}:{port} outside the mesh"
             inner = tcp_connect_many(source.host, [(mesh_addresses[data.name], port) for port in ports])
             for (_address, port), status in inner.items():
-                allowed = port == RELP_PORT or {"cells", "loadbalancers"} & source.groups
+                allowed = port == relp_port or {"cells", "loadbalancers"} & source.groups
                 assert (status == CONNECTED) == bool(allowed), f"{source.name} -> {data.name}:{port} over the mesh"
             database = tcp_connect_many(source.host, [(mesh_addresses[data.name], POSTGRESQL_PORT)])
             assert CONNECTED not in database.values(), f"{source.name} reached PostgreSQL on {data.name}"
@@ -102,9 +114,9 @@ def test_database_and_log_ports_answer_over_the_mesh_only(
 
 def test_a_reload_keeps_the_tunnels_and_the_key(nodes: dict[str, Node], mesh_addresses: dict[str, str]) -> None:
     node, peer = sorted(nodes.values(), key=lambda n: n.name)[:2]
-    private_key = node.host.file(f"{KEY_DIR}/{MESH_INTERFACE}.key").content_string.strip()
-    node.host.run_test(f"systemctl reload wg-quick@{MESH_INTERFACE}")
-    assert node.host.check_output(f"wg show {MESH_INTERFACE} private-key") == private_key
-    assert node.host.service(f"wg-quick@{MESH_INTERFACE}").is_running
+    private_key = node.host.file(key_path(node)).content_string.strip()
+    node.host.run_test(f"systemctl reload wg-quick@{interface(node)}")
+    assert wg(node, "private-key") == private_key
+    assert node.host.service(f"wg-quick@{interface(node)}").is_running
     target = (mesh_addresses[peer.name], 22)
     assert tcp_connect_many(node.host, [target]) == {target: CONNECTED}

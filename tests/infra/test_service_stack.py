@@ -20,7 +20,7 @@ from cells import cell_server_python
 from conftest import Node
 from labkit import units
 from labkit.lab import RATE_TABLES
-from labkit.sending import SCRIPTS, concurrent_requests_command, script_command
+from labkit.sending import SCRIPTS, answers_from, requests_command, script_command
 from labkit.waiting import until
 
 
@@ -49,7 +49,7 @@ def cells(lab: dict[str, Node]) -> list[Node]:
 
 
 def send(client: Node, url: str, method: str = "GET", fields: dict | None = None, count: int = 1) -> list:
-    return json.loads(client.host.check_output(concurrent_requests_command(url, method, fields or {}, count)))
+    return answers_from(client.host.check_output(requests_command(url, method, fields, count)))
 
 
 def forget_request_rates(lb: Node) -> None:

@@ -51,6 +51,9 @@ CELLS = group_addresses("cells")
 LIBVIRT = "qemu:///system"
 EXEMPT_LIST = "/etc/haproxy/rate-limit-exempt.lst"
 NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
+MESH_INTERFACE = inventory_setting("all", "private_network_interface")
+MESH_CONFIG_DIR = inventory_setting("all", "private_network_config_dir")
+PERMALINK_PORT = int(inventory_setting("permalink_db", "cellfleet_permalink_port"))
 
 
 def ssh_command(address: str, command: str, *arguments: str) -> list[str]:
@@ -66,6 +69,11 @@ def ssh(address: str, command: str, *arguments: str, check: bool = True, timeout
     """Standard output of command (with arguments) run as root on the lab VM at address."""
     return subprocess.run(ssh_command(address, command, *arguments), check=check, capture_output=True, text=True,
                           timeout=timeout).stdout  # fmt: skip
+
+
+def mesh_address(address: str) -> str:
+    """The WireGuard mesh address of the lab VM at address, read from its interface."""
+    return ssh(address, f"ip -o -4 addr show dev {MESH_INTERFACE}").split()[3].split("/")[0]
 
 
 def admin(command: str, load_balancer: str = LOAD_BALANCER) -> str:
