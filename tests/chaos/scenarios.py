@@ -42,7 +42,7 @@ from labkit.lab import (
     virsh,
 )
 from labkit.load import Sample, SteadyLoad, enter_lab_namespace
-from labkit.sending import answers_from, requests_command
+from labkit.sending import SCRIPTS, answers_from, requests_command, script_command
 from labkit.waiting import until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -84,14 +84,6 @@ def every_cell_up() -> bool:
 
 def main_pid(address: str, unit: str) -> int:
     return int(ssh(address, f"systemctl show -p MainPID --value {unit}").strip() or 0)
-
-
-def unit_running(address: str, unit: str, not_pid: int = 0) -> bool:
-    # systemctl prints the properties in its own order, not the order asked for.
-    lines = ssh(address, f"systemctl show -p ActiveState,SubState,MainPID {unit}", check=False).split()
-    state = dict(line.split("=", 1) for line in lines if "=" in line)
-    running = (state.get("ActiveState"), state.get("SubState")) == ("active", "running")
-    return running and int(state.get("MainPID") or 0) not in (0, not_pid)
 
 
 def running_postgresql_unit() -> str:
@@ -217,9 +209,10 @@ MAY_LOSE = {
 @dataclass(frozen=True)
 class FaultTimes:
     issued: float  # monotonic: when the fault's command was sent
-    struck: float  # when it returned: times count from here
+    struck: float  # when the signal was sent on the VM: times count from here
     unit_back: float  # when the unit ran again
     recovered: float  # when, besides, every cell was UP in the load balancer
+    on_the_vm: dict[str, Any]  # after_signal.py's own times, from the signal, without SSH round trips
 
 
 def scenario_load() -> SteadyLoad:
@@ -238,7 +231,7 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
             load.wait_for_answers(4)
             if watch:
                 watch.wait_streaming()
-            times = strike_and_recover(fault, old_pid)
+            times = strike_and_recover(fault)
             load.wait_for_answers(8, since=times.recovered)  # what is lost after the recovery shows too
         return process_fault_outcome(fault, times, old_pid, load.samples, watch, writer)
     finally:
@@ -246,23 +239,20 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
             watch.stop()
 
 
-def strike_and_recover(fault: ProcessFault, old_pid: int) -> FaultTimes:
-    # Each SSH command takes seconds to connect under emulation: the fault happens at its end, so times count
-    # from when the command returned, and the command's own time is reported beside them.
+def strike_and_recover(fault: ProcessFault) -> FaultTimes:
+    # The signal and the wait for the unit run on the VM (tests/remote/after_signal.py): an SSH command takes
+    # seconds to connect under emulation, and polling over SSH would blur the times by as much.
+    options = ["--whole-unit", "--resume-after", str(STOP_SECONDS)] if fault.signal == "STOP" else []
+    signal = f"SIG{fault.signal}"
+    command = script_command(SCRIPTS / "after_signal.py", fault.unit, signal, str(RECOVERY_LIMIT_SECONDS), *options)
     issued = time.monotonic()
-    if fault.signal == "KILL":
-        ssh(fault.address, f"kill -9 {old_pid}")
-    else:
-        ssh(fault.address, f"systemctl kill -s STOP {fault.unit}")
-    struck = time.monotonic()
-    if fault.signal == "STOP":
-        restarted = until(lambda: unit_running(fault.address, fault.unit, old_pid), STOP_SECONDS, interval=1.0)
-        if not restarted:
-            ssh(fault.address, f"systemctl kill -s CONT {fault.unit}")
-    wait_until(lambda: unit_running(fault.address, fault.unit), RECOVERY_LIMIT_SECONDS, f"{fault.unit} back")
+    on_the_vm = json.loads(ssh(fault.address, command))
     unit_back = time.monotonic()
+    if on_the_vm["running"] is None:
+        raise TimeoutError(f"{fault.unit} not running again {RECOVERY_LIMIT_SECONDS} s after {signal}: {on_the_vm}")
+    struck = unit_back - on_the_vm["running"]
     wait_until(every_cell_up, RECOVERY_LIMIT_SECONDS, "every cell UP in the load balancer")
-    return FaultTimes(issued, struck, unit_back, time.monotonic())
+    return FaultTimes(issued, struck, unit_back, time.monotonic(), on_the_vm)
 
 
 def process_fault_outcome(
@@ -277,7 +267,9 @@ def process_fault_outcome(
     after = failures_between(samples, times.recovered, float("inf"))
     numbers: dict[str, Any] = {
         "fault_command_s": round(times.struck - times.issued, 1),
-        "unit_running_again_s": round(times.unit_back - times.struck, 1),
+        "new_process_s": times.on_the_vm["new_process"] and round(times.on_the_vm["new_process"], 1),
+        "unit_running_again_s": round(times.on_the_vm["running"], 1),
+        "resumed_by_sigcont": times.on_the_vm["resumed"],
         "recovered_s": round(times.recovered - times.struck, 1),  # running again and every cell UP in the balancer
         "restarted": main_pid(fault.address, fault.unit) != old_pid,
         "requests": len(samples),

@@ -226,15 +226,15 @@ def test_the_health_endpoint_runs_a_computation(cell: Cell) -> None:
 
 
 def seconds_after_signal(cell: Cell, signame: str, limit: float) -> dict:
-    """Send signame to the server and time its replacement: a new process, then a /health answer from it."""
-    old = main_pid(cell.host, units.CELL_SERVER)
-    timing = script_command(SCRIPTS / "after_signal.py", str(cell.port), str(old), signame, str(limit))
+    """Send signame to the server and time its replacement: a new process, ready, then a /health answer from it."""
+    health = f"http://127.0.0.1:{cell.port}/health"
+    timing = script_command(SCRIPTS / "after_signal.py", units.CELL_SERVER, signame, str(limit), "--health", health)
     return json.loads(cell.host.check_output(timing))
 
 
 def test_a_killed_server_is_back_and_healthy_within_seconds(cell: Cell) -> None:
     took = seconds_after_signal(cell, "SIGKILL", 60)
-    print(f"kill -9: new process after {took['new_process']} s, healthy after {took['healthy']} s")
+    print(f"kill -9: new process after {took['new_process']} s, ready {took['running']} s, healthy {took['healthy']} s")
     # 5 s is the issue's target on real hardware; the emulated lab is several times slower.
     assert took["healthy"] is not None and took["healthy"] < 30, took
 
