@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """`/service` on a lab cell, every computation a fresh kernel run as a pooled, confined worker.
 
-The load runs on the cell itself (stdlib threads posting to the server's loopback port), since the
-server listens on loopback only. The same server settings (the cell's own config file, with a longer kernel
-start timeout for the server's own provider to load Sage) then run unpooled:
-kernels as the server's account, no box, nothing to throw away; the ratio is what confinement costs.
-Release to reusable comes from the kernel provider's log of the pooled run: from a kernel's release to
-its worker free again (its box killed and empty, its home unmounted). Under QEMU emulation (no KVM here)
-every number is far below what the same cell does on real hardware.
+The load runs on the cell itself (stdlib threads posting to the server's loopback port), since the server
+listens on loopback only. Nothing else computes meanwhile: the cell is in maintenance in the load balancer (no
+requests, no health checks) and its health timer is stopped; both come back afterwards. The same server
+settings (the cell's own config file, with a longer kernel start timeout for the server's own provider to load
+Sage) then run unpooled: kernels as the server's account, no box, nothing to throw away; the ratio is what
+confinement costs. Release to reusable comes from the kernel provider's log of the pooled run: from a kernel's
+release to its worker free again (its box killed, its home detached). Under QEMU emulation (no KVM here) every
+number is far below what the same cell does on real hardware.
 Prints a table and writes bench/results/service_pooled.json. Run with `make bench-service-pooled`.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit import units
-from labkit.lab import CELLS, ssh
+from labkit.lab import CELLS, inventory_setting, out_of_rotation, ssh
 from labkit.measure import load_from_vm, percentile, summary
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,9 @@ REUSABLE_SINCE = (
     "sed -n 's/.* reusable \\([0-9.]*\\) ms after.*/\\1/p'"
 )
 TARGET_RATIO = 0.9
+WARM_UP_SECONDS = 20
+HEALTH_TIMER_STOP = f"systemctl stop {units.CELL_HEALTH_TIMER} {units.CELL_HEALTH}"
+HEALTH_TIMER_START = f"systemctl start {units.CELL_HEALTH_TIMER}"
 TARGET_REUSABLE_MS = 200.0
 
 
@@ -70,8 +74,19 @@ def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, Any]
                 "concurrency": concurrency, "seconds": duration}  # fmt: skip
         return load_from_vm(address, spec)
 
-    load(1, 5)  # warm-up: the preforked reserve fills
+    load(1, WARM_UP_SECONDS)  # the preforked reserve fills
     return {f"concurrency {concurrency}": summary(load(concurrency, seconds), seconds) for concurrency in (1, 8)}
+
+
+def measure_unpooled(address: str, seconds: float) -> dict[str, dict[str, Any]]:
+    """The same loads on a second server with the cell's settings, its kernels unpooled and unboxed."""
+    ssh(address, UNPOOLED_STOP)
+    ssh(address, WRITE_UNPOOLED_CONFIG)
+    try:
+        ssh(address, UNPOOLED_START)
+        return measure(address, UNPOOLED_PORT, seconds)
+    finally:
+        ssh(address, f"{UNPOOLED_STOP}; rm -f {UNPOOLED_CONFIG}")
 
 
 def release_to_reusable(address: str, since: str) -> dict[str, float]:
@@ -88,10 +103,11 @@ def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
     print("pooled: each kernel runs as an unused worker (uid, SELinux user_t) in a box thrown away after it;")
     print("unpooled: the same settings with kernels as the server's own account and no box (the laptop mode).")
     print(f"/service print(1+1) on {address}: a fresh kernel each, {seconds:g} s per load")
-    print(f"{'mode':10} {'load':16} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7}")
+    print(f"{'mode':10} {'load':16} {'answers':>7} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7}")
     for mode in ("pooled", "unpooled"):
         for name, numbers in results[mode].items():
-            print(f"{mode:10} {name:16} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} "
+            answers = round(numbers["per_second"] * seconds)
+            print(f"{mode:10} {name:16} {answers:7d} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} "
                   f"{numbers['p90_ms']:8.0f} {numbers['failures']:7.0f}")  # fmt: skip
     for name, ratio in results["pooled / unpooled"].items():
         verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
@@ -106,28 +122,27 @@ def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", default=CELLS["cell1"], help="the cell (default: the lab's cell1)")
-    parser.add_argument("--port", type=int, default=8888)
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--cell", default="cell1", choices=sorted(CELLS), help="the lab cell to measure on")
+    parser.add_argument("--seconds", type=float, default=120.0, help="per load (a kernel start takes seconds)")
     args = parser.parse_args()
+    address, port = CELLS[args.cell], int(inventory_setting("cells", "cell_server_port"))
     results: dict[str, Any] = {}
-    since = ssh(args.address, "date +%s").strip()
-    results["pooled"] = measure(args.address, args.port, args.seconds)
-    results["release to reusable"] = release_to_reusable(args.address, since)
-    ssh(args.address, UNPOOLED_STOP)
-    ssh(args.address, WRITE_UNPOOLED_CONFIG)
-    try:
-        ssh(args.address, UNPOOLED_START)
-        results["unpooled"] = measure(args.address, UNPOOLED_PORT, args.seconds)
-    finally:
-        ssh(args.address, f"{UNPOOLED_STOP}; rm -f {UNPOOLED_CONFIG}")
+    with out_of_rotation(args.cell):
+        ssh(address, HEALTH_TIMER_STOP)
+        try:
+            since = ssh(address, "date +%s").strip()
+            results["pooled"] = measure(address, port, args.seconds)
+            results["release to reusable"] = release_to_reusable(address, since)
+            results["unpooled"] = measure_unpooled(address, args.seconds)
+        finally:
+            ssh(address, HEALTH_TIMER_START)
     results["pooled / unpooled"] = {
         name: numbers["per_second"] / results["unpooled"][name]["per_second"]
         for name, numbers in results["pooled"].items()
     }
-    resets = [float(ssh(args.address, RESET_TIMING)) for _ in range(3)]
+    resets = [float(ssh(address, RESET_TIMING)) for _ in range(3)]
     results["full worker reset"] = {"median_s": sorted(resets)[1]}
-    print_table(args.address, args.seconds, results)
+    print_table(address, args.seconds, results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -81,6 +81,17 @@ def admin(command: str, load_balancer: str = LOAD_BALANCER) -> str:
     return ssh(load_balancer, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
 
 
+@contextmanager
+def out_of_rotation(server: str) -> Iterator[None]:
+    """The cell in maintenance in the load balancer while the block runs: no requests and no health checks reach
+    it, so a measurement on the cell sees only its own load."""
+    admin(f"set server cells/{server} state maint")
+    try:
+        yield
+    finally:
+        admin(f"set server cells/{server} state ready")
+
+
 # The stick tables HAProxy counts requests in for its rate limits (roles/haproxy's configuration).
 RATE_TABLES = ("rate_compute_per_ip", "rate_compute_total", "rate_permalink_per_ip", "rate_permalink_total")
 
