@@ -62,8 +62,8 @@ def main() -> None:
     times: dict[str, float | None] = {"new_process": None, "running": None, "healthy": None}
     resumed = False
     while time.monotonic() - started < asked.limit:
-        elapsed = time.monotonic() - started
         state, pid = unit_state(asked.unit)
+        elapsed = time.monotonic() - started  # when the state was read, not when the read began
         replaced = pid not in (0, old)
         if replaced and times["new_process"] is None:
             times["new_process"] = elapsed
