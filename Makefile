@@ -231,7 +231,7 @@ bench-workers: venv ## Worker pool costs on the lab's cell1 (launch, launch+pyth
 	@$(BIN)/python bench/worker_pool.py $(BENCH_ARGS)
 
 .PHONY: chaos
-chaos: venv ## Fault scenarios on the lab as tests (kill -9/SIGSTOP, VM loss, log host down, reloads, flood); after `make up` (30-35 min); CHAOS_ARGS='-k WORD'
+chaos: venv ## Fault scenarios on the lab as tests (kill -9/SIGSTOP, VM loss, log host down, reloads, flood); after `make up` (about 45 min); CHAOS_ARGS='-k WORD'
 	@$(BIN)/pytest -q -s -p no:cacheprovider tests/chaos $(CHAOS_ARGS); status=$$?; \
 		$(BIN)/python bench/report.py --report-only; exit $$status
 
