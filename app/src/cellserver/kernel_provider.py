@@ -80,8 +80,8 @@ from cellserver.kernel_files import (
     retain_files,
 )
 
-# Modules a kernel would otherwise import while it initialises, after the fork, every time (measured:
-# the debugger alone took 80 of the 120 ms a forked kernel spent starting).
+# Modules a kernel would otherwise import while it initialises, after the fork, every time: imported once
+# here, they leave most of a forked kernel's start (the debugger's above all) to the provider's own start.
 WARM_MODULES = (
     "ipykernel.ipkernel", "ipykernel.debugger", "ipykernel.zmqshell", "ipykernel.comm",
     "IPython.core.completer", "IPython.core.completerlib", "IPython.core.debugger", "IPython.core.oinspect",
