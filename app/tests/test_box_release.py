@@ -211,3 +211,34 @@ def test_a_busy_worker_whose_old_box_will_not_empty_gets_the_full_reset_after_it
     provider.release("k2", (answers, 8))
 
     assert full_resets == [("w1", second)]
+
+
+class ShortOfMemory(ScriptedCgroups):
+    """Boxes whose memory the test sets; their parent went past its memory.high when `short` says so."""
+
+    def __init__(self, clock: Clock, used: dict[Path, int]) -> None:
+        super().__init__(clock, [0])
+        self.used, self.short = used, False
+
+    def memory_ran_short(self) -> bool:
+        return self.short
+
+    def largest(self, boxes: list[Path]) -> Path | None:
+        return max(boxes, key=lambda box: self.used.get(box, 0), default=None)
+
+
+def test_memory_running_short_kills_the_box_holding_the_most_not_a_neighbour(tmp_path: Path, clock: Clock) -> None:
+    used = {tmp_path / "cgroup-idle": 30 << 20, tmp_path / "cgroup-hog": 700 << 20, tmp_path / "cgroup-done": 900 << 20}
+    cgroups = ShortOfMemory(clock, used)
+    provider = Provider(ProviderSettings(runtime_dir=tmp_path, box=BoxLimits()), cgroups)  # type: ignore[arg-type]
+    answers = Answers()
+    for number, name in enumerate(("idle", "hog", "done")):
+        start_kernel(provider, answers, Worker(f"w{number}", 60001 + number, 60001, tmp_path / name), name, 0)
+    provider.kernels["done"].release_id = (None, None)  # released already: its box is being thrown away
+
+    provider.guard_memory()
+    assert cgroups.killed == [], "a box was killed while memory was not short"
+
+    cgroups.short = True
+    provider.guard_memory()
+    assert cgroups.killed == [tmp_path / "cgroup-hog"]

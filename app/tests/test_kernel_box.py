@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from cellserver import kernel_box
+from cellserver.kernel_box import KERNELS_CGROUP as KERNELS
 from cellserver.kernel_box import BoxLimits, KernelCgroups, Worker, WorkerPool
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a kernel's box is made by root")
@@ -121,6 +122,7 @@ def test_a_fresh_home_holds_the_skeleton_owned_by_root(tmp_path: Path) -> None:
 
 def test_a_kernel_cgroup_gets_its_limits_and_goes_once_empty(tmp_path: Path) -> None:
     cgroups = KernelCgroups(tmp_path)
+    cgroups.kernels.mkdir()
     path = cgroups.create("k1", BoxLimits(memory_bytes=256 << 20, tasks=64, cpu_weight=50))
     written = {name: (path / name).read_text() for name in ("memory.max", "memory.swap.max", "pids.max", "cpu.weight")}
     assert written == {"memory.max": str(256 << 20), "memory.swap.max": "0", "pids.max": "64", "cpu.weight": "50"}
@@ -128,3 +130,58 @@ def test_a_kernel_cgroup_gets_its_limits_and_goes_once_empty(tmp_path: Path) -> 
     assert not cgroups.is_empty(path)
     (path / "cgroup.events").write_text("populated 0\nfrozen 0\n")
     assert cgroups.is_empty(path)
+
+
+def cgroup_tree(root: Path, slice_max: str, provider_bytes: int) -> KernelCgroups:
+    """A cgroup tree as the provider's unit sees it: the workers' slice, the unit (no limit of its own), the
+    provider's leaf and the boxes' parent; files as the kernel shows them."""
+    unit = root / "cellworkers.slice" / "provider.service"
+    (unit / "provider").mkdir(parents=True)
+    (unit / KERNELS).mkdir()
+    (root / "cellworkers.slice" / "memory.max").write_text(f"{slice_max}\n")
+    (unit / "memory.max").write_text("max\n")
+    (unit / "provider" / "memory.current").write_text(f"{provider_bytes}\n")
+    (unit / KERNELS / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    return KernelCgroups(unit)
+
+
+def test_the_boxes_are_slowed_down_below_the_workers_limit_less_the_provider(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernel_box, "CGROUP_ROOT", tmp_path)
+    cgroups = cgroup_tree(tmp_path, str(1024 << 20), 200 << 20)
+    high = cgroups.set_memory_guard()
+    assert high == (1024 - 200 - 64) << 20  # a sixteenth of the limit stays free besides the provider
+    assert (cgroups.kernels / "memory.high").read_text() == str(high)
+
+
+def test_no_guard_where_nothing_above_limits_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel_box, "CGROUP_ROOT", tmp_path)
+    cgroups = cgroup_tree(tmp_path, "max", 200 << 20)
+    assert cgroups.set_memory_guard() is None
+    assert not (cgroups.kernels / "memory.high").exists()
+
+
+def test_memory_runs_short_only_when_the_boxes_pass_their_high_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernel_box, "CGROUP_ROOT", tmp_path)
+    cgroups = cgroup_tree(tmp_path, str(1024 << 20), 200 << 20)
+    events = cgroups.kernels / "memory.events"
+    events.write_text("low 0\nhigh 3\nmax 0\noom 0\noom_kill 0\n")
+    cgroups.set_memory_guard()  # what happened before the guard was set is not news
+    assert not cgroups.memory_ran_short()
+    events.write_text("low 0\nhigh 5\nmax 0\noom 0\noom_kill 0\n")
+    assert cgroups.memory_ran_short()
+    assert not cgroups.memory_ran_short()
+
+
+def test_the_largest_box_is_the_one_holding_the_most_memory(tmp_path: Path) -> None:
+    boxes = []
+    for name, used in (("idle", 30 << 20), ("hog", 700 << 20), ("bomb", 120 << 20)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "memory.current").write_text(f"{used}\n")
+        boxes.append(tmp_path / name)
+    assert KernelCgroups.largest(boxes) == tmp_path / "hog"
+    assert KernelCgroups.largest([tmp_path / "gone"]) == tmp_path / "gone"
+    assert KernelCgroups.largest([]) is None

@@ -41,6 +41,11 @@ MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 MNT_DETACH = 0x2
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 KERNEL_CGROUP_PREFIX = "kernel-"
+KERNELS_CGROUP = "kernels"  # every box, under one parent whose memory.high keeps them below their ancestors' limit
+# What the boxes together leave free below the tightest memory.max above them (the workers' slice), for the
+# provider and for the guard to act before the kernel's OOM killer does: a share of that limit, at least a floor.
+GUARD_HEADROOM_SHARE = 16
+GUARD_HEADROOM_FLOOR = 32 << 20
 PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -161,11 +166,47 @@ def own_cgroup() -> Path:
     raise OSError("no cgroup v2 hierarchy: kernels cannot have a cgroup of their own")
 
 
+def memory_limit_above(path: Path) -> int | None:
+    """The tightest memory.max of path's ancestors (path excluded) in bytes, None when none sets one."""
+    limits = []
+    for ancestor in path.parents:
+        if ancestor == CGROUP_ROOT or CGROUP_ROOT not in ancestor.parents:
+            break
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            limits.append(int((ancestor / "memory.max").read_text()))
+    return min(limits) if limits else None
+
+
+def high_events(cgroup: Path) -> int:
+    """How often the cgroup went over its memory.high (memory.events), 0 when it is gone."""
+    try:
+        fields = dict(line.split() for line in (cgroup / "memory.events").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+    return int(fields.get("high", 0))
+
+
+def memory_in_use(cgroup: Path) -> int:
+    try:
+        return int((cgroup / "memory.current").read_text())
+    except FileNotFoundError:
+        return 0
+
+
 class KernelCgroups:
-    """The provider's delegated cgroup: the provider itself in a leaf, one sibling cgroup per kernel."""
+    """The provider's delegated cgroup: the provider itself in a leaf, the boxes in a sibling group.
+
+    The kernel's OOM killer, when the workers' slice runs out, picks the process with the largest resident
+    size: every forked kernel counts the pages it shares with the provider, so an idle neighbour looks as large
+    as a fork bomb's children and may be the one killed. The boxes' parent therefore gets a memory.high below
+    the slice's limit: past it the kernel slows the boxes' allocations down instead of killing anything, and
+    the provider kills the box that holds the most memory (Provider.guard_memory).
+    """
 
     def __init__(self, top: Path) -> None:
         self.top = top
+        self.kernels = top / KERNELS_CGROUP
+        self.high_seen = 0
 
     @classmethod
     def take_over(cls) -> KernelCgroups:
@@ -184,12 +225,39 @@ class KernelCgroups:
             raise OSError(f"{top}: controllers {sorted(missing)} are not delegated (Delegate=yes in the unit)")
         (top / "cgroup.subtree_control").write_text("+memory +pids +cpu")
         cgroups = cls(top)
-        for stale in top.glob(f"{KERNEL_CGROUP_PREFIX}*"):
+        for stale in [*top.glob(f"{KERNEL_CGROUP_PREFIX}*"), *cgroups.kernels.glob(f"{KERNEL_CGROUP_PREFIX}*")]:
             cgroups.kill(stale)
+            cgroups.remove(stale)
+        cgroups.kernels.mkdir(exist_ok=True)
+        (cgroups.kernels / "cgroup.subtree_control").write_text("+memory +pids +cpu")
         return cgroups
 
+    def set_memory_guard(self) -> int | None:
+        """memory.high of the boxes' parent: the limit above, less the provider's memory (warm by now) and the
+        headroom; None where nothing above limits memory."""
+        limit = memory_limit_above(self.top / "provider")
+        provider_bytes = memory_in_use(self.top / "provider")
+        if limit is None:
+            return None
+        headroom = max(limit // GUARD_HEADROOM_SHARE, GUARD_HEADROOM_FLOOR)
+        high = max(limit - provider_bytes - headroom, GUARD_HEADROOM_FLOOR)
+        (self.kernels / "memory.high").write_text(str(high))
+        self.high_seen = high_events(self.kernels)
+        return high
+
+    def memory_ran_short(self) -> bool:
+        """Whether the boxes together went over their memory.high since the last call."""
+        seen = high_events(self.kernels)
+        ran_short, self.high_seen = seen > self.high_seen, seen
+        return ran_short
+
+    @staticmethod
+    def largest(boxes: list[Path]) -> Path | None:
+        """The box that holds the most memory, None for no box."""
+        return max(boxes, key=memory_in_use, default=None)
+
     def create(self, kernel_id: str, limits: BoxLimits) -> Path:
-        path = self.top / f"{KERNEL_CGROUP_PREFIX}{kernel_id}"
+        path = self.kernels / f"{KERNEL_CGROUP_PREFIX}{kernel_id}"
         path.mkdir()
         wanted = {"memory.max": limits.memory_bytes, "pids.max": limits.tasks, "cpu.weight": limits.cpu_weight}
         settings = {name: value for name, value in wanted.items() if value}

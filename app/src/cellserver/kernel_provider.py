@@ -97,6 +97,9 @@ MADV_COLLAPSE = 25  # linux/mman.h
 HUGE_PAGE_BYTES = 2 << 20
 RETAIN_SWEEP_SECONDS = 30.0  # how often expired retained files are looked for
 BOX_POLL_SECONDS = 0.01  # how often a killed box is checked for its last process
+# How often the boxes' memory is checked while kernels run: past their memory.high the kernel slows their
+# allocations down, so the guard has time to act before the slice's OOM killer would.
+MEMORY_GUARD_SECONDS = 0.25
 # A killed box whose task count has not dropped for this long goes to the full reset. A box that still empties
 # is left to finish: a starved cell takes long to end a fork bomb's tasks, and the full reset run meanwhile
 # (a filesystem walk, restorecon) starved it further.
@@ -574,6 +577,19 @@ class Provider:
                 else:
                     self.queue_reset(record.worker, record)
 
+    def guard_memory(self) -> None:
+        """Kill the box holding the most memory once the boxes together went past their memory.high, so the
+        computation that ran the workers' memory out ends, not whichever kernel looks largest to the kernel."""
+        if self.cgroups is None or not self.cgroups.memory_ran_short():
+            return
+        boxes = {record.box.cgroup: record for record in self.kernels.values()
+                 if record.box is not None and record.release_id is None}  # fmt: skip
+        largest = self.cgroups.largest(list(boxes))
+        if largest is None:
+            return
+        log.error("kernel %s: its box killed, the largest when the kernels' memory ran short", boxes[largest].kernel_id)
+        self.cgroups.kill(largest)
+
     def suspect(self, worker: Worker) -> None:
         """A worker whose old box would not empty: reset now if it is free, else after its current kernel."""
         if worker in self.free_workers:
@@ -651,7 +667,10 @@ class Provider:
                 swept = time.monotonic()
             if self.dying:
                 self.collect_boxes()
+            self.guard_memory()
             timeout = BOX_POLL_SECONDS if self.dying else RETAIN_SWEEP_SECONDS
+            if self.cgroups is not None and self.kernels:
+                timeout = min(timeout, MEMORY_GUARD_SECONDS)
             for key, _events in self.selector.select(timeout=timeout):
                 if key.data == "wakeup":
                     while True:
@@ -800,6 +819,10 @@ def serve_pool(settings: ProviderSettings, socket_path: Path, places: BoxPlaces)
         raise SystemExit("kernel provider: no worker could be reset; refusing to run kernels")
     for worker in waiting:
         provider.queue_reset(worker, None)
+    if places.cgroups is not None:
+        high = places.cgroups.set_memory_guard()
+        if high is not None:
+            log.info("kernels together slowed down past %d MiB, the largest box killed", high >> 20)
     listener = listen(socket_path, settings.server_gid)
     log.info("serving on %s: %d workers clean, %d more after their reset, kernels %s", socket_path,
              len(provider.free_workers), len(waiting), "boxed" if places.cgroups else "not boxed")  # fmt: skip
