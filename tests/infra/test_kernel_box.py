@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cells import Cell
+from cellserver.kernel_box import KERNEL_CGROUP_PREFIX, KERNELS_CGROUP
 from conftest import main_pid
 from labkit import units
 
@@ -72,7 +73,8 @@ def test_two_computations_run_in_separate_boxes(boxed: Cell) -> None:
 def pids_current_of_busiest_box(cell: Cell) -> int:
     provider = main_pid(cell.host, units.KERNEL_PROVIDER)
     top = cell.host.check_output(f"dirname $(sed -n 's/^0:://p' /proc/{provider}/cgroup)")
-    counts = cell.host.run(f"cat /sys/fs/cgroup{top}/kernel-*/pids.current").stdout.split()
+    boxes = f"/sys/fs/cgroup{top}/{KERNELS_CGROUP}/{KERNEL_CGROUP_PREFIX}*"
+    counts = cell.host.run(f"cat {boxes}/pids.current").stdout.split()
     return max((int(count) for count in counts), default=0)
 
 
