@@ -242,3 +242,8 @@ def test_memory_running_short_kills_the_box_holding_the_most_not_a_neighbour(tmp
     cgroups.short = True
     provider.guard_memory()
     assert cgroups.killed == [tmp_path / "cgroup-hog"]
+
+    # Still short while the hog's box empties: its memory is on the way back, no neighbour is killed for it.
+    cgroups.counts, used[tmp_path / "cgroup-hog"] = [5], 0
+    provider.guard_memory()
+    assert cgroups.killed == [tmp_path / "cgroup-hog"], "a neighbour was killed while the hog's box emptied"

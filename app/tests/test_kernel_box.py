@@ -167,12 +167,18 @@ def test_memory_runs_short_only_when_the_boxes_pass_their_high_again(
 ) -> None:
     monkeypatch.setattr(kernel_box, "CGROUP_ROOT", tmp_path)
     cgroups = cgroup_tree(tmp_path, str(1024 << 20), 200 << 20)
-    events = cgroups.kernels / "memory.events"
+    events, used = cgroups.kernels / "memory.events", cgroups.kernels / "memory.current"
     events.write_text("low 0\nhigh 3\nmax 0\noom 0\noom_kill 0\n")
-    cgroups.set_memory_guard()  # what happened before the guard was set is not news
+    high = cgroups.set_memory_guard()  # what happened before the guard was set is not news
+    assert high is not None
+    used.write_text(f"{high}\n")
     assert not cgroups.memory_ran_short()
     events.write_text("low 0\nhigh 5\nmax 0\noom 0\noom_kill 0\n")
     assert cgroups.memory_ran_short()
+    assert not cgroups.memory_ran_short()
+    # Throttled a moment ago, but the box behind it has died and given its memory back: nothing is short now.
+    events.write_text("low 0\nhigh 9\nmax 0\noom 0\noom_kill 0\n")
+    used.write_text(f"{high // 2}\n")
     assert not cgroups.memory_ran_short()
 
 

@@ -46,6 +46,9 @@ KERNELS_CGROUP = "kernels"  # every box, under one parent whose memory.high keep
 # provider and for the guard to act before the kernel's OOM killer does: a share of that limit, at least a floor.
 GUARD_HEADROOM_SHARE = 16
 GUARD_HEADROOM_FLOOR = 32 << 20
+# The boxes still hold at least this share of their memory.high: allocations throttled a moment ago, by a box
+# that has been killed and freed its memory since, are no reason to kill another.
+STILL_SHORT_SHARE = 0.9
 PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -206,6 +209,7 @@ class KernelCgroups:
     def __init__(self, top: Path) -> None:
         self.top = top
         self.kernels = top / KERNELS_CGROUP
+        self.high: int | None = None
         self.high_seen = 0
 
     @classmethod
@@ -242,14 +246,15 @@ class KernelCgroups:
         headroom = max(limit // GUARD_HEADROOM_SHARE, GUARD_HEADROOM_FLOOR)
         high = max(limit - provider_bytes - headroom, GUARD_HEADROOM_FLOOR)
         (self.kernels / "memory.high").write_text(str(high))
-        self.high_seen = high_events(self.kernels)
+        self.high, self.high_seen = high, high_events(self.kernels)
         return high
 
     def memory_ran_short(self) -> bool:
-        """Whether the boxes together went over their memory.high since the last call."""
+        """Whether the boxes together went over their memory.high since the last call and still hold nearly
+        that much."""
         seen = high_events(self.kernels)
-        ran_short, self.high_seen = seen > self.high_seen, seen
-        return ran_short
+        crossed, self.high_seen = seen > self.high_seen, seen
+        return crossed and self.high is not None and memory_in_use(self.kernels) >= self.high * STILL_SHORT_SHARE
 
     @staticmethod
     def largest(boxes: list[Path]) -> Path | None:

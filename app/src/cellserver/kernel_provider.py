@@ -303,6 +303,7 @@ class Provider:
         self.dying: dict[str, KernelRecord] = {}  # killed boxes waiting for their last process
         # Workers freed early whose old box then would not empty: their next release gets the full reset.
         self.suspect_workers: set[str] = set()
+        self.guard_killed: set[Path] = set()  # boxes the memory guard killed, until their kernel's release
         self.selector = selectors.DefaultSelector()
         self.wakeup_reader, wakeup_writer = os.pipe()
         os.set_blocking(self.wakeup_reader, False)
@@ -584,11 +585,15 @@ class Provider:
             return
         boxes = {record.box.cgroup: record for record in self.kernels.values()
                  if record.box is not None and record.release_id is None}  # fmt: skip
+        self.guard_killed &= boxes.keys()
+        if any(not self.cgroups.is_empty(box) for box in self.guard_killed):
+            return  # the box killed last still gives its memory back
         largest = self.cgroups.largest(list(boxes))
         if largest is None:
             return
         log.error("kernel %s: its box killed, the largest when the kernels' memory ran short", boxes[largest].kernel_id)
         self.cgroups.kill(largest)
+        self.guard_killed.add(largest)
 
     def suspect(self, worker: Worker) -> None:
         """A worker whose old box would not empty: reset now if it is free, else after its current kernel."""
