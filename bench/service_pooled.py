@@ -71,7 +71,7 @@ def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, Any]
 
     def load(concurrency: int, duration: float) -> dict[str, Any]:
         spec = {"urls": [url], "method": "POST", "form": {"code": "print(1+1)"}, "expect": '"2\\n"',
-                "concurrency": concurrency, "seconds": duration}  # fmt: skip
+                "concurrency": concurrency, "seconds": duration, "honour_retry_after": True}  # fmt: skip
         return load_from_vm(address, spec)
 
     load(1, WARM_UP_SECONDS)  # the preforked reserve fills

@@ -5,7 +5,8 @@ seconds of the good answers, "outcomes": {status or error name: count}}.
 Usage: http_load.py SPEC_JSON, where SPEC_JSON is {"urls": [...], "method": "GET" or "POST", "form": {field: value}
 (the POST body), "expect": a text good answers contain or null for any 200, "concurrency": n, "seconds": s,
 "fresh_connections": true for a new connection (a new TLS handshake) per request, as browsers arriving one after
-another make; a server reload must then accept every one of them}.
+another make; a server reload must then accept every one of them, "honour_retry_after": true for a client that,
+refused as busy (503 with Retry-After), waits that long before it asks again}.
 Certificates are not checked: the lab's are self-signed. Standard library only: it runs on the lab's VMs with
 their python3.
 """
@@ -60,8 +61,9 @@ class Load:
                 connection.request(self.spec["method"], path, body=self.body, headers=self.headers)
                 answer = connection.getresponse()
                 outcome, ok = str(answer.status), self.good(answer.status, answer.read())
+                pause = self.pause_after(answer)
             except Exception as error:  # a refused or reset connection is an outcome to count
-                outcome, ok, broken = f"{type(error).__name__}: {str(error)[:80]}", False, True
+                outcome, ok, broken, pause = f"{type(error).__name__}: {str(error)[:80]}", False, True, 0.0
             if broken or self.spec.get("fresh_connections"):
                 connection.close()
                 connection = connect(url, self.context)
@@ -69,6 +71,14 @@ class Load:
                 self.outcomes[outcome] += 1
                 if ok:
                     self.latencies.append(time.monotonic() - started)
+            time.sleep(max(0.0, min(pause, self.deadline - time.monotonic())))
+
+    def pause_after(self, answer: http.client.HTTPResponse) -> float:
+        """Seconds to wait before the next request: what a busy server asked for, if the spec honours it."""
+        retry_after = answer.getheader("Retry-After") or ""
+        if answer.status == 503 and self.spec.get("honour_retry_after") and retry_after.isdigit():
+            return float(retry_after)
+        return 0.0
 
     def run(self) -> dict[str, Any]:
         urls = self.spec["urls"]
