@@ -240,11 +240,10 @@ class KernelCgroups:
         """memory.high of the boxes' parent: the limit above, less the provider's memory (warm by now) and the
         headroom; None where nothing above limits memory."""
         limit = memory_limit_above(self.top / "provider")
-        provider_bytes = memory_in_use(self.top / "provider")
         if limit is None:
             return None
         headroom = max(limit // GUARD_HEADROOM_SHARE, GUARD_HEADROOM_FLOOR)
-        high = max(limit - provider_bytes - headroom, GUARD_HEADROOM_FLOOR)
+        high = max(limit - memory_in_use(self.top / "provider") - headroom, GUARD_HEADROOM_FLOOR)
         (self.kernels / "memory.high").write_text(str(high))
         self.high, self.high_seen = high, high_events(self.kernels)
         return high

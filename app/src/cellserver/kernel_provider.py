@@ -665,16 +665,20 @@ class Provider:
         if listener is not None:
             listener.setblocking(False)
             self.selector.register(listener, selectors.EVENT_READ, "listener")
-        swept = time.monotonic()
+        swept = guarded = time.monotonic()
+        guards = self.cgroups is not None and self.cgroups.high is not None
         while True:
             if time.monotonic() - swept > RETAIN_SWEEP_SECONDS:
                 self.remove_expired_files()
                 swept = time.monotonic()
             if self.dying:
                 self.collect_boxes()
-            self.guard_memory()
+            # Not on every wake-up: a message from the server or a box being emptied wakes the loop far more often.
+            if guards and time.monotonic() - guarded >= MEMORY_GUARD_SECONDS:
+                self.guard_memory()
+                guarded = time.monotonic()
             timeout = BOX_POLL_SECONDS if self.dying else RETAIN_SWEEP_SECONDS
-            if self.cgroups is not None and self.kernels:
+            if guards and self.kernels:
                 timeout = min(timeout, MEMORY_GUARD_SECONDS)
             for key, _events in self.selector.select(timeout=timeout):
                 if key.data == "wakeup":
