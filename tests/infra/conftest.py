@@ -14,6 +14,7 @@ from testinfra.host import Host
 from testinfra.utils.ansible_runner import AnsibleRunner
 
 from labkit import roles
+from labkit.network import interface_address, interface_address_command
 
 if TYPE_CHECKING:
     from cells import Cell
@@ -150,10 +151,8 @@ def reachability(nodes: dict[str, Node], listeners: None) -> dict[tuple[str, str
 
 def mesh_address(node: Node) -> str | None:
     """The node's address on the WireGuard mesh, read from the interface itself; None off the mesh."""
-    result = node.host.run(f"ip -o -4 addr show dev {node.setting('private_network_interface')}")
-    if result.rc != 0 or not result.stdout.strip():
-        return None
-    return result.stdout.split()[3].split("/")[0]
+    result = node.host.run(interface_address_command(node.setting("private_network_interface")))
+    return interface_address(result.stdout) if result.rc == 0 else None
 
 
 @pytest.fixture(scope="session")

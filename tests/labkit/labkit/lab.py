@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from labkit.network import interface_address, interface_address_command
 from labkit.roles import default
 from labkit.waiting import until
 
@@ -73,7 +74,9 @@ def ssh(address: str, command: str, *arguments: str, check: bool = True, timeout
 
 def mesh_address(address: str) -> str:
     """The WireGuard mesh address of the lab VM at address, read from its interface."""
-    return ssh(address, f"ip -o -4 addr show dev {MESH_INTERFACE}").split()[3].split("/")[0]
+    found = interface_address(ssh(address, interface_address_command(MESH_INTERFACE)))
+    assert found, f"{address} has no address on {MESH_INTERFACE}"
+    return found
 
 
 def admin(command: str, load_balancer: str = LOAD_BALANCER) -> str:
