@@ -16,6 +16,7 @@ import pytest
 from cellserver.sessions import DRAINED
 from labkit.lab import (
     CELLS,
+    CELLS_BACKEND,
     LOAD_BALANCER,
     ROOT,
     admin,
@@ -124,10 +125,10 @@ def test_a_failing_canary_stops_the_rollout_while_the_other_cell_serves(tmp_path
 def test_a_cell_set_to_maintenance_by_hand_stays_out_through_a_rollout(baseline: str) -> None:
     # The rollout puts back only what a drain of its own took out: an operator's maintenance is theirs to end.
     _, held_out = sorted(CELLS)
-    admin(f"set server cells/{held_out} state maint")
+    admin(f"set server {CELLS_BACKEND}/{held_out} state maint")
     try:
         result = roll_out(ROOT / "app", baseline)
         assert result.returncode == 0, result.stdout[-3000:]
         assert server_state(held_out) == "MAINT", "the rollout put a cell the operator held out back in rotation"
     finally:
-        admin(f"set server cells/{held_out} state ready")
+        admin(f"set server {CELLS_BACKEND}/{held_out} state ready")

@@ -235,16 +235,18 @@ def test_the_stats_page_is_local_only(lab: dict[str, Node]) -> None:
     lb = load_balancer(lab)
     assert lb.host.socket("tcp://127.0.0.1:8404").is_listening
     assert not lb.host.socket(f"tcp://{lb.address}:8404").is_listening
-    state = lb.host.check_output("echo 'show servers state cells' | socat stdio unix-connect:/run/haproxy/admin.sock")
+    state = admin(lb, f"show servers state {lb.setting('haproxy_cells_backend')}")
     assert all(cell.name in state for cell in cells(lab))
 
 
 def admin(lb: Node, command: str) -> str:
-    return lb.host.check_output(f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
+    socket = lb.setting("haproxy_admin_socket")
+    return lb.host.check_output(f"echo {shlex.quote(command)} | socat stdio unix-connect:{socket}")
 
 
-def server_stats(lb: Node, backend: str, server: str) -> tuple[str, int]:
-    """Status and weight of one server, from the runtime API's CSV statistics."""
+def server_stats(lb: Node, server: str) -> tuple[str, int]:
+    """Status and weight of one cell server, from the runtime API's CSV statistics."""
+    backend = lb.setting("haproxy_cells_backend")
     for line in admin(lb, "show stat").splitlines():
         fields = line.split(",")
         if fields[:2] == [backend, server]:
@@ -271,7 +273,7 @@ def wait_until_every_cell_is_up(lb: Node, backends: list[Node], seconds: float =
     states: dict[str, str] = {}
 
     def every_cell_up() -> bool:
-        states.update({cell.name: server_stats(lb, "cells", cell.name)[0] for cell in backends})
+        states.update({cell.name: server_stats(lb, cell.name)[0] for cell in backends})
         return set(states.values()) == {"UP"}
 
     assert until(every_cell_up, seconds, interval=1), f"cells not back UP after {seconds:g} s: {states}"
@@ -287,16 +289,17 @@ def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[s
     backends = cells(lab)
     wait_until_every_cell_is_up(lb, backends)
     reweighted = backends[-1].name
+    backend = lb.setting("haproxy_cells_backend")
     # Draining leaves a backend without servers when there is one cell (molecule): only drain with two.
     drained = backends[0].name if len(backends) > 1 else None
     [(status, _headers, page)] = send(clients(lab)[0], f"https://{lb.address}/")
     assert status == 200
     asset = page.split('src="', 2)[1].split('"')[0]
-    _status, weight = server_stats(lb, "cells", reweighted)
+    _status, weight = server_stats(lb, reweighted)
     new_weight = weight + 1 if weight < 256 else weight - 1  # never 0: that would drain it too
-    admin(lb, f"set weight cells/{reweighted} {new_weight}")
+    admin(lb, f"set weight {backend}/{reweighted} {new_weight}")
     if drained:
-        admin(lb, f"set server cells/{drained} state drain")
+        admin(lb, f"set server {backend}/{drained} state drain")
     try:
         # A reload on the emulated lb1 takes seconds (the configuration is checked first): the load outlasts
         # RELOADS of them, and the test says so if it did not.
@@ -319,16 +322,16 @@ def test_reloads_refuse_no_connection_and_keep_runtime_server_states(lab: dict[s
         assert set(outcomes) == {"200"}, outcomes
         assert outcomes["200"] > 50, outcomes
         # The new workers read the states saved before each reload.
-        assert server_stats(lb, "cells", reweighted)[1] == new_weight
+        assert server_stats(lb, reweighted)[1] == new_weight
         if drained:
-            assert server_stats(lb, "cells", drained)[0] == "DRAIN"
+            assert server_stats(lb, drained)[0] == "DRAIN"
     finally:
-        admin(lb, f"set weight cells/{reweighted} {weight}")
+        admin(lb, f"set weight {backend}/{reweighted} {weight}")
         if drained:
-            admin(lb, f"set server cells/{drained} state ready")
+            admin(lb, f"set server {backend}/{drained} state ready")
     # A restart saves the states first (ExecStop), so it brings back what runs now, not the drain of a reload ago.
     lb.host.run_test("systemctl restart haproxy.service")
-    restored = until(lambda: server_stats(lb, "cells", reweighted) == ("UP", weight), 30, interval=1)
-    assert restored, f"after a restart cells/{reweighted} is {server_stats(lb, 'cells', reweighted)}, not UP"
+    restored = until(lambda: server_stats(lb, reweighted) == ("UP", weight), 30, interval=1)
+    assert restored, f"after a restart {backend}/{reweighted} is {server_stats(lb, reweighted)}, not UP"
     if drained:
-        assert server_stats(lb, "cells", drained)[0] != "DRAIN"
+        assert server_stats(lb, drained)[0] != "DRAIN"

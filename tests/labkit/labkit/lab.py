@@ -55,6 +55,8 @@ NEW_CELL, NEW_CELL_ADDRESS = "cell3", "10.77.0.15"
 MESH_INTERFACE = inventory_setting("all", "private_network_interface")
 MESH_CONFIG_DIR = inventory_setting("all", "private_network_config_dir")
 PERMALINK_PORT = int(inventory_setting("permalink_db", "cellfleet_permalink_port"))
+ADMIN_SOCKET = inventory_setting("loadbalancers", "haproxy_admin_socket")
+CELLS_BACKEND = inventory_setting("loadbalancers", "haproxy_cells_backend")
 
 
 def ssh_command(address: str, command: str, *arguments: str) -> list[str]:
@@ -81,18 +83,18 @@ def mesh_address(address: str) -> str:
 
 def admin(command: str, load_balancer: str = LOAD_BALANCER) -> str:
     """One command on the load balancer's HAProxy runtime API, its answer."""
-    return ssh(load_balancer, f"echo {shlex.quote(command)} | socat stdio unix-connect:/run/haproxy/admin.sock")
+    return ssh(load_balancer, f"echo {shlex.quote(command)} | socat stdio unix-connect:{ADMIN_SOCKET}")
 
 
 @contextmanager
 def out_of_rotation(server: str) -> Iterator[None]:
     """The cell in maintenance in the load balancer while the block runs: no requests and no health checks reach
     it, so a measurement on the cell sees only its own load."""
-    admin(f"set server cells/{server} state maint")
+    admin(f"set server {CELLS_BACKEND}/{server} state maint")
     try:
         yield
     finally:
-        admin(f"set server cells/{server} state ready")
+        admin(f"set server {CELLS_BACKEND}/{server} state ready")
 
 
 # The stick tables HAProxy counts requests in for its rate limits (roles/haproxy's configuration).
@@ -108,7 +110,7 @@ def forget_request_rates(load_balancer: str = LOAD_BALANCER) -> None:
         assert "used:0" in listed, listed
 
 
-def server_stats(server: str, backend: str = "cells") -> dict[str, str] | None:
+def server_stats(server: str, backend: str = CELLS_BACKEND) -> dict[str, str] | None:
     """One server's row of the runtime API's CSV statistics, by column name; None when it has no such server.
 
     Raises ConnectionError when the runtime API gives no answer (HAProxy down or restarting): that says
@@ -126,7 +128,7 @@ def server_stats(server: str, backend: str = "cells") -> dict[str, str] | None:
 
 def server_state(server: str) -> str:
     stats = server_stats(server)
-    assert stats is not None, f"cells/{server} not in the load balancer's stats"
+    assert stats is not None, f"{CELLS_BACKEND}/{server} not in the load balancer's stats"
     return stats["status"]
 
 
@@ -190,8 +192,8 @@ class StatusWatch:
         # forgotten loop (one per watch) starves the load balancer's single CPU. awk dies writing to the closed
         # pipe, which ends the loop; `timeout` bounds it whatever happens.
         loop = (
-            "while echo 'show stat' | socat stdio unix-connect:/run/haproxy/admin.sock"
-            f' | awk -F, \'$1=="cells" && $2=="{server}" {{print $18; fflush()}}\'; do sleep 0.1; done'
+            f"while echo 'show stat' | socat stdio unix-connect:{ADMIN_SOCKET}"
+            f' | awk -F, \'$1=="{CELLS_BACKEND}" && $2=="{server}" {{print $18; fflush()}}\'; do sleep 0.1; done'
         )
         script = f"timeout {limit_seconds} sh -c {shlex.quote(loop)}"
         self.process = subprocess.Popen(ssh_command(LOAD_BALANCER, script), stdout=subprocess.PIPE, text=True)
