@@ -82,10 +82,6 @@ def every_cell_up() -> bool:
         return False  # no answer from the load balancer counts as not yet
 
 
-def main_pid(address: str, unit: str) -> int:
-    return int(ssh(address, f"systemctl show -p MainPID --value {unit}").strip() or 0)
-
-
 def running_postgresql_unit() -> str:
     """The data host's PostgreSQL server unit (postgresql@VERSION-CLUSTER on Debian)."""
     return ssh(DATA_HOST, "systemctl list-units --plain --no-legend --state=running 'postgresql@*'").split()[0]
@@ -223,7 +219,6 @@ def scenario_load() -> SteadyLoad:
 def run_process_fault(fault: ProcessFault) -> Outcome:
     if fault.unit == DATABASE:
         fault = replace(fault, unit=running_postgresql_unit())
-    old_pid = main_pid(fault.address, fault.unit)
     watch = StatusWatch("cell1") if fault.side == "cell" else None
     writer = PermalinkWriter() if fault.side == "data" else None
     try:
@@ -233,7 +228,7 @@ def run_process_fault(fault: ProcessFault) -> Outcome:
                 watch.wait_streaming()
             times = strike_and_recover(fault)
             load.wait_for_answers(8, since=times.recovered)  # what is lost after the recovery shows too
-        return process_fault_outcome(fault, times, old_pid, load.samples, watch, writer)
+        return process_fault_outcome(fault, times, load.samples, watch, writer)
     finally:
         if watch:
             watch.stop()
@@ -258,7 +253,6 @@ def strike_and_recover(fault: ProcessFault) -> FaultTimes:
 def process_fault_outcome(
     fault: ProcessFault,
     times: FaultTimes,
-    old_pid: int,
     samples: list[Sample],
     watch: StatusWatch | None,
     writer: PermalinkWriter | None,
@@ -271,7 +265,7 @@ def process_fault_outcome(
         "unit_running_again_s": round(times.on_the_vm["running"], 1),
         "resumed_by_sigcont": times.on_the_vm["resumed"],
         "recovered_s": round(times.recovered - times.struck, 1),  # running again and every cell UP in the balancer
-        "restarted": main_pid(fault.address, fault.unit) != old_pid,
+        "restarted": times.on_the_vm["pid"] != times.on_the_vm["old_pid"],
         "requests": len(samples),
         "failed_until_recovered": dict(during),
         "failed_after": dict(after),

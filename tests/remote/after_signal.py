@@ -1,7 +1,8 @@
 """Sends a signal to a systemd unit and times its recovery, printed as JSON: {"new_process": seconds until systemd
 names another main process, "running": seconds until the unit is active and running again (a Type=notify unit:
 ready), "healthy": seconds until HEALTH_URL answered 2xx from it, "resumed": whether a stopped unit was sent SIGCONT
-because nothing replaced it}; null for what did not happen within LIMIT seconds.
+because nothing replaced it, "old_pid" and "pid": the unit's main process before the signal and at the end};
+null for what did not happen within LIMIT seconds.
 
 Usage: after_signal.py UNIT SIGNAL LIMIT [--whole-unit] [--health URL] [--resume-after SECONDS].
 SIGNAL goes to the main process, or with --whole-unit to every process of the unit. With --resume-after, a unit
@@ -61,6 +62,7 @@ def main() -> None:
     started = time.monotonic()
     times: dict[str, float | None] = {"new_process": None, "running": None, "healthy": None}
     resumed = False
+    pid = old
     while time.monotonic() - started < asked.limit:
         state, pid = unit_state(asked.unit)
         elapsed = time.monotonic() - started  # when the state was read, not when the read began
@@ -77,7 +79,7 @@ def main() -> None:
             times["healthy"] = time.monotonic() - started if asked.health else None
             break
         time.sleep(POLL_SECONDS)
-    print(json.dumps({**times, "resumed": resumed}))
+    print(json.dumps({**times, "resumed": resumed, "old_pid": old, "pid": pid}))
 
 
 if __name__ == "__main__":
