@@ -66,7 +66,19 @@ UNPOOLED_STOP = (
 )
 
 
-def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, Any]]:
+def pool_size(address: str) -> int:
+    """Worker accounts of the cell's pool: the most kernels its pooled server holds at once, the reserve with them."""
+    pool_file = inventory_setting("cells", "cell_server_worker_pool_file")
+    return len(json.loads(ssh(address, f"cat {pool_file}"))["workers"])
+
+
+def loads_for(pool: int) -> tuple[int, ...]:
+    """One client; as many as the pool has workers; and 8, which on a small cell is more than the pool holds (the
+    pooled server then refuses the rest with 503 and Retry-After, the unpooled one takes them all)."""
+    return tuple(sorted({1, pool, 8}))
+
+
+def measure(address: str, port: int, seconds: float, concurrencies: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/service"
 
     def load(concurrency: int, duration: float) -> dict[str, Any]:
@@ -75,16 +87,16 @@ def measure(address: str, port: int, seconds: float) -> dict[str, dict[str, Any]
         return load_from_vm(address, spec)
 
     load(1, WARM_UP_SECONDS)  # the preforked reserve fills
-    return {f"concurrency {concurrency}": summary(load(concurrency, seconds), seconds) for concurrency in (1, 8)}
+    return {f"concurrency {n}": summary(load(n, seconds), seconds) for n in concurrencies}
 
 
-def measure_unpooled(address: str, seconds: float) -> dict[str, dict[str, Any]]:
+def measure_unpooled(address: str, seconds: float, concurrencies: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     """The same loads on a second server with the cell's settings, its kernels unpooled and unboxed."""
     ssh(address, UNPOOLED_STOP)
     ssh(address, WRITE_UNPOOLED_CONFIG)
     try:
         ssh(address, UNPOOLED_START)
-        return measure(address, UNPOOLED_PORT, seconds)
+        return measure(address, UNPOOLED_PORT, seconds, concurrencies)
     finally:
         ssh(address, f"{UNPOOLED_STOP}; rm -f {UNPOOLED_CONFIG}")
 
@@ -102,7 +114,10 @@ def release_to_reusable(address: str, since: str) -> dict[str, float]:
 def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
     print("pooled: each kernel runs as an unused worker (uid, SELinux user_t) in a box thrown away after it;")
     print("unpooled: the same settings with kernels as the server's own account and no box (the laptop mode).")
-    print(f"/service print(1+1) on {address}: a fresh kernel each, {seconds:g} s per load")
+    print(
+        f"/service print(1+1) on {address}: a fresh kernel each, {seconds:g} s per load; "
+        f"the pool has {results['pool size']} workers"
+    )
     print(f"{'mode':10} {'load':16} {'answers':>7} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7}")
     for mode in ("pooled", "unpooled"):
         for name, numbers in results[mode].items():
@@ -126,14 +141,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0, help="per load (a kernel start takes seconds)")
     args = parser.parse_args()
     address, port = CELLS[args.cell], int(inventory_setting("cells", "cell_server_port"))
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"pool size": pool_size(address)}
+    concurrencies = loads_for(results["pool size"])
     with out_of_rotation(args.cell):
         ssh(address, HEALTH_TIMER_STOP)
         try:
             since = ssh(address, "date +%s").strip()
-            results["pooled"] = measure(address, port, args.seconds)
+            results["pooled"] = measure(address, port, args.seconds, concurrencies)
             results["release to reusable"] = release_to_reusable(address, since)
-            results["unpooled"] = measure_unpooled(address, args.seconds)
+            results["unpooled"] = measure_unpooled(address, args.seconds, concurrencies)
         finally:
             ssh(address, HEALTH_TIMER_START)
     results["pooled / unpooled"] = {
