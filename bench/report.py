@@ -214,7 +214,8 @@ def cluster_targets(data: Any) -> list[Target]:
 
 def pooled_targets(data: Any) -> list[Target]:
     ratios = dig(data, "pooled / unpooled") or {"concurrency 8": None}
-    pool = f" (pool of {dig(data, 'pool size')})" if dig(data, "pool size") else ""
+    size = dig(data, "pool size")
+    pool = f" (pool of {size})" if size else ""
     reusable = dig(data, "release to reusable", "p50_ms")
     throughput = [
         Target(f"lab cell: pooled /service throughput / unpooled, {load}{pool}", ratio, "x",
