@@ -5,10 +5,14 @@ The load runs on the cell itself (stdlib threads posting to the server's loopbac
 listens on loopback only. Nothing else computes meanwhile: the cell is in maintenance in the load balancer (no
 requests, no health checks) and its health timer is stopped; both come back afterwards. The same server
 settings (the cell's own config file, with a longer kernel start timeout for the server's own provider to load
-Sage) then run unpooled: kernels as the server's account, no box, nothing to throw away; the ratio is what
-confinement costs. Release to reusable comes from the kernel provider's log of the pooled run: from a kernel's
-release to its worker free again (its box killed, its home detached). Under QEMU emulation (no KVM here) every
-number is far below what the same cell does on real hardware.
+Sage) also run unpooled on a second port: kernels as the server's account, no box, nothing to throw away; the
+ratio is what confinement costs. Release to reusable comes from the kernel provider's log of the pooled run:
+from a kernel's release to its worker free again (its box killed, its home detached), and how many workers
+served. Under QEMU emulation (no KVM here) every number is far below what the same cell does on real hardware,
+and the emulating host's own load drifts: both servers run side by side and each load runs on one and then at
+once on the other, so a drift weighs on both. Beside answers per second, the CPU seconds each answer cost on the
+cell (the servers' and kernels' cgroups): on a cell whose CPU the load keeps busy that is what sets throughput,
+and it varies less than a count of answers does.
 Prints a table and writes bench/results/service_pooled.json. Run with `make bench-service-pooled`.
 """
 
@@ -32,11 +36,19 @@ RESET_TIMING = (
     "t0=$(date +%s.%N); /usr/local/sbin/cellfleet-worker-reset cellw08 >/dev/null; "
     'echo "$(date +%s.%N) $t0" | awk \'{printf "%.3f\\n", $1 - $2}\''
 )
-# Milliseconds from each kernel's release to its worker being free again, as the provider logged them.
+# Each kernel's worker and the milliseconds from its release to that worker being free again, as the provider
+# logged them.
 REUSABLE_SINCE = (
     f"journalctl -u {units.KERNEL_PROVIDER} --since @{{since}} -o cat | "
-    "sed -n 's/.* reusable \\([0-9.]*\\) ms after.*/\\1/p'"
+    "sed -n 's/.* \\([a-z0-9_-]*\\) reusable \\([0-9.]*\\) ms after.*/\\1 \\2/p'"
 )
+# The cell's idle CPU seconds (/proc/stat, in USER_HZ) and the CPU microseconds of each running unit's cgroup.
+CPU_SNAPSHOT = (
+    "awk '/^cpu / {print \"idle\", $5 + $6}' /proc/stat; for unit in {units}; do "
+    "group=$(systemctl show -p ControlGroup --value $unit); "
+    '[ -n "$group" ] && echo "$unit $(sed -n \'s/^usage_usec //p\' /sys/fs/cgroup$group/cpu.stat)"; done; true'
+)
+USER_HZ = 100
 TARGET_RATIO = 0.9
 WARM_UP_SECONDS = 20
 HEALTH_TIMER_STOP = f"systemctl stop {units.CELL_HEALTH_TIMER} {units.CELL_HEALTH}"
@@ -45,10 +57,10 @@ TARGET_REUSABLE_MS = 200.0
 
 
 UNPOOLED_PORT = 8899
-UNPOOLED_UNIT = "cellfleet-bench-unpooled"
+UNPOOLED_UNIT = "cellfleet-bench-unpooled.service"
 SERVER_CONFIG = "/etc/cellserver/cellserver.toml"
 # The cell's own settings, but a longer kernel start timeout: without a provider socket the server loads Sage
-# in its own provider first, which on a cell still busy from the pooled run takes longer than a kernel start.
+# in its own provider first, which on a starved cell takes longer than a kernel start.
 UNPOOLED_CONFIG = "/run/cellfleet-bench-unpooled.toml"
 UNPOOLED_START_TIMEOUT = 180
 WRITE_UNPOOLED_CONFIG = (
@@ -61,9 +73,12 @@ UNPOOLED_START = (
     f"/opt/cellserver/venv/bin/cellserver serve --config {UNPOOLED_CONFIG} --port {UNPOOLED_PORT} "
     "--provider-socket ''"
 )
-UNPOOLED_STOP = (
-    "systemctl stop cellfleet-bench-unpooled; systemctl reset-failed cellfleet-bench-unpooled 2>/dev/null; true"
-)
+UNPOOLED_STOP = f"systemctl stop {UNPOOLED_UNIT}; systemctl reset-failed {UNPOOLED_UNIT} 2>/dev/null; true"
+
+
+# Whose CPU an answer costs in each mode: the pooled server and its provider with every box in it, or the
+# unpooled server's unit, which holds its own provider and kernels.
+MODE_UNITS = {"pooled": (units.CELL_SERVER, units.KERNEL_PROVIDER), "unpooled": (UNPOOLED_UNIT,)}
 
 
 def pool_size(address: str) -> int:
@@ -78,33 +93,58 @@ def loads_for(pool: int) -> tuple[int, ...]:
     return tuple(sorted({1, pool, 8}))
 
 
-def measure(address: str, port: int, seconds: float, concurrencies: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/service"
-
-    def load(concurrency: int, duration: float) -> dict[str, Any]:
-        spec = {"urls": [url], "method": "POST", "form": {"code": "print(1+1)"}, "expect": '"2\\n"',
-                "concurrency": concurrency, "seconds": duration, "honour_retry_after": True}  # fmt: skip
-        return load_from_vm(address, spec)
-
-    load(1, WARM_UP_SECONDS)  # the preforked reserve fills
-    return {f"concurrency {n}": summary(load(n, seconds), seconds) for n in concurrencies}
+def cpu_snapshot(address: str) -> dict[str, float]:
+    """The cell's idle seconds so far and each mode's CPU seconds so far."""
+    every_unit = " ".join(unit for names in MODE_UNITS.values() for unit in names)
+    seconds = {}
+    for line in ssh(address, CPU_SNAPSHOT.replace("{units}", every_unit)).splitlines():
+        name, value = line.split()
+        seconds[name] = float(value) / (USER_HZ if name == "idle" else 1e6)
+    return seconds
 
 
-def measure_unpooled(address: str, seconds: float, concurrencies: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-    """The same loads on a second server with the cell's settings, its kernels unpooled and unboxed."""
+def load(address: str, port: int, concurrency: int, seconds: float) -> dict[str, Any]:
+    spec = {"urls": [f"http://127.0.0.1:{port}/service"], "method": "POST", "form": {"code": "print(1+1)"},
+            "expect": '"2\\n"', "concurrency": concurrency, "seconds": seconds, "honour_retry_after": True}  # fmt: skip
+    return load_from_vm(address, spec)
+
+
+def measured_load(address: str, mode: str, port: int, concurrency: int, seconds: float) -> dict[str, Any]:
+    """A load's summary, with the CPU seconds per good answer its mode spent and the cell's idle seconds."""
+    before = cpu_snapshot(address)
+    numbers = summary(load(address, port, concurrency, seconds), seconds)
+    after = cpu_snapshot(address)
+    spent = sum(after[unit] - before[unit] for unit in MODE_UNITS[mode])
+    answers = round(numbers["per_second"] * seconds)
+    numbers["cpu_s_per_answer"] = spent / answers if answers else float("nan")
+    numbers["cell_idle_s"] = after["idle"] - before["idle"]
+    return numbers
+
+
+def measure_both(address: str, seconds: float, concurrencies: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+    """Each load on the pooled server, then at once on an unpooled one with the cell's settings."""
+    ports = {"pooled": int(inventory_setting("cells", "cell_server_port")), "unpooled": UNPOOLED_PORT}
+    results: dict[str, dict[str, Any]] = {"pooled": {}, "unpooled": {}}
     ssh(address, UNPOOLED_STOP)
     ssh(address, WRITE_UNPOOLED_CONFIG)
     try:
         ssh(address, UNPOOLED_START)
-        return measure(address, UNPOOLED_PORT, seconds, concurrencies)
+        for port in ports.values():
+            load(address, port, 1, WARM_UP_SECONDS)  # the preforked reserve fills
+        for concurrency in concurrencies:
+            for mode, port in ports.items():
+                results[mode][f"concurrency {concurrency}"] = measured_load(address, mode, port, concurrency, seconds)
     finally:
         ssh(address, f"{UNPOOLED_STOP}; rm -f {UNPOOLED_CONFIG}")
+    return results
 
 
 def release_to_reusable(address: str, since: str) -> dict[str, float]:
-    values = sorted(float(line) for line in ssh(address, REUSABLE_SINCE.format(since=since)).split())
+    logged = [line.split() for line in ssh(address, REUSABLE_SINCE.format(since=since)).splitlines()]
+    values = sorted(float(milliseconds) for _worker, milliseconds in logged)
     return {
         "releases": len(values),
+        "workers": len({worker for worker, _milliseconds in logged}),
         "p50_ms": percentile(values, 0.5),
         "p90_ms": percentile(values, 0.9),
         "max_ms": values[-1] if values else float("nan"),
@@ -118,18 +158,22 @@ def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
         f"/service print(1+1) on {address}: a fresh kernel each, {seconds:g} s per load; "
         f"the pool has {results['pool size']} workers"
     )
-    print(f"{'mode':10} {'load':16} {'answers':>7} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7}")
-    for mode in ("pooled", "unpooled"):
-        for name, numbers in results[mode].items():
+    print(f"{'mode':10} {'load':16} {'answers':>7} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7} "
+          f"{'CPU s/answer':>12} {'cell idle s':>11}")  # fmt: skip
+    for name in results["pooled"]:
+        for mode in ("pooled", "unpooled"):
+            numbers = results[mode][name]
             answers = round(numbers["per_second"] * seconds)
             print(f"{mode:10} {name:16} {answers:7d} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} "
-                  f"{numbers['p90_ms']:8.0f} {numbers['failures']:7.0f}")  # fmt: skip
+                  f"{numbers['p90_ms']:8.0f} {numbers['failures']:7.0f} {numbers['cpu_s_per_answer']:12.2f} "
+                  f"{numbers['cell_idle_s']:11.1f}")  # fmt: skip
     for name, ratio in results["pooled / unpooled"].items():
         verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
         print(f"pooled / unpooled throughput, {name}: {ratio:.2f}x (target >= {TARGET_RATIO}x: {verdict})")
     reusable = results["release to reusable"]
     verdict = "met" if reusable["p50_ms"] <= TARGET_REUSABLE_MS else "NOT met"
-    print(f"release to reusable over the pooled run's {reusable['releases']:.0f} releases: median "
+    print(f"release to reusable over the pooled run's {reusable['releases']:.0f} releases, "
+          f"{reusable['workers']:.0f} workers: median "
           f"{reusable['p50_ms']:.1f} ms, p90 {reusable['p90_ms']:.1f} ms, max {reusable['max_ms']:.1f} ms "
           f"(target median <= {TARGET_REUSABLE_MS:.0f} ms: {verdict})")  # fmt: skip
     print(f"slow path, full reset of a worker (median of 3): {results['full worker reset']['median_s']:.2f} s")
@@ -140,16 +184,15 @@ def main() -> None:
     parser.add_argument("--cell", default="cell1", choices=sorted(CELLS), help="the lab cell to measure on")
     parser.add_argument("--seconds", type=float, default=120.0, help="per load (a kernel start takes seconds)")
     args = parser.parse_args()
-    address, port = CELLS[args.cell], int(inventory_setting("cells", "cell_server_port"))
+    address = CELLS[args.cell]
     results: dict[str, Any] = {"pool size": pool_size(address)}
     concurrencies = loads_for(results["pool size"])
     with out_of_rotation(args.cell):
         ssh(address, HEALTH_TIMER_STOP)
         try:
             since = ssh(address, "date +%s").strip()
-            results["pooled"] = measure(address, port, args.seconds, concurrencies)
+            results.update(measure_both(address, args.seconds, concurrencies))
             results["release to reusable"] = release_to_reusable(address, since)
-            results["unpooled"] = measure_unpooled(address, args.seconds, concurrencies)
         finally:
             ssh(address, HEALTH_TIMER_START)
     results["pooled / unpooled"] = {
