@@ -42,13 +42,6 @@ REUSABLE_SINCE = (
     f"journalctl -u {units.KERNEL_PROVIDER} --since @{{since}} -o cat | "
     "sed -n 's/.* \\([a-z0-9_-]*\\) reusable \\([0-9.]*\\) ms after.*/\\1 \\2/p'"
 )
-# The cell's idle CPU seconds (/proc/stat, in USER_HZ) and the CPU microseconds of each running unit's cgroup.
-CPU_SNAPSHOT = (
-    "awk '/^cpu / {print \"idle\", $5 + $6}' /proc/stat; for unit in {units}; do "
-    "group=$(systemctl show -p ControlGroup --value $unit); "
-    '[ -n "$group" ] && echo "$unit $(sed -n \'s/^usage_usec //p\' /sys/fs/cgroup$group/cpu.stat)"; done; true'
-)
-USER_HZ = 100
 TARGET_RATIO = 0.9
 WARM_UP_SECONDS = 20
 HEALTH_TIMER_STOP = f"systemctl stop {units.CELL_HEALTH_TIMER} {units.CELL_HEALTH}"
@@ -79,6 +72,14 @@ UNPOOLED_STOP = f"systemctl stop {UNPOOLED_UNIT}; systemctl reset-failed {UNPOOL
 # Whose CPU an answer costs in each mode: the pooled server and its provider with every box in it, or the
 # unpooled server's unit, which holds its own provider and kernels.
 MODE_UNITS = {"pooled": (units.CELL_SERVER, units.KERNEL_PROVIDER), "unpooled": (UNPOOLED_UNIT,)}
+# The cell's idle CPU seconds (/proc/stat, in USER_HZ) and the CPU microseconds of each running unit's cgroup.
+CPU_SNAPSHOT = (
+    "awk '/^cpu / {print \"idle\", $5 + $6}' /proc/stat; "
+    f"for unit in {' '.join(unit for names in MODE_UNITS.values() for unit in names)}; do "
+    "group=$(systemctl show -p ControlGroup --value $unit); "
+    '[ -n "$group" ] && echo "$unit $(sed -n \'s/^usage_usec //p\' /sys/fs/cgroup$group/cpu.stat)"; done; true'
+)
+USER_HZ = 100
 
 
 def pool_size(address: str) -> int:
@@ -95,9 +96,8 @@ def loads_for(pool: int) -> tuple[int, ...]:
 
 def cpu_snapshot(address: str) -> dict[str, float]:
     """The cell's idle seconds so far and each mode's CPU seconds so far."""
-    every_unit = " ".join(unit for names in MODE_UNITS.values() for unit in names)
     seconds = {}
-    for line in ssh(address, CPU_SNAPSHOT.replace("{units}", every_unit)).splitlines():
+    for line in ssh(address, CPU_SNAPSHOT).splitlines():
         name, value = line.split()
         seconds[name] = float(value) / (USER_HZ if name == "idle" else 1e6)
     return seconds
@@ -112,10 +112,11 @@ def load(address: str, port: int, concurrency: int, seconds: float) -> dict[str,
 def measured_load(address: str, mode: str, port: int, concurrency: int, seconds: float) -> dict[str, Any]:
     """A load's summary, with the CPU seconds per good answer its mode spent and the cell's idle seconds."""
     before = cpu_snapshot(address)
-    numbers = summary(load(address, port, concurrency, seconds), seconds)
+    run = load(address, port, concurrency, seconds)
     after = cpu_snapshot(address)
+    numbers = summary(run, seconds)
     spent = sum(after[unit] - before[unit] for unit in MODE_UNITS[mode])
-    answers = round(numbers["per_second"] * seconds)
+    answers = len(run["latencies"])
     numbers["cpu_s_per_answer"] = spent / answers if answers else float("nan")
     numbers["cell_idle_s"] = after["idle"] - before["idle"]
     return numbers
