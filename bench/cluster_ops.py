@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import headless_pyplot
+from report import ROLLING_UPDATE_PLOT, headless_pyplot
 
 from labkit.lab import (
     CELLS,
@@ -181,7 +181,7 @@ def rolling_update(scratch: Path) -> dict[str, Any]:
         marks["rollout done"] = time.monotonic()
         time.sleep(15)
     samples = list(load.samples)
-    plot(samples, marks, RESULTS / "rolling_update_latency.png")
+    plot(samples, marks, RESULTS / ROLLING_UPDATE_PLOT)
     rollback, _ = roll_out(PROJECT_ROOT / "app", baseline)
     during = sorted(s.seconds for s in samples if marks["rollout starts"] <= s.started <= marks["rollout done"])
     return {
@@ -190,7 +190,7 @@ def rolling_update(scratch: Path) -> dict[str, Any]:
         "outcomes": dict(load.outcomes()), "requests_during": len(during),
         "p50_during_s": round(during[len(during) // 2], 2) if during else None,
         "max_during_s": round(during[-1], 2) if during else None,
-        "plot": "bench/results/rolling_update_latency.png",
+        "plot": f"bench/results/{ROLLING_UPDATE_PLOT}",
     }  # fmt: skip
 
 

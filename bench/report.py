@@ -2,8 +2,9 @@
 """`make bench`: runs every benchmark under bench/ against the lab, then writes docs/measurements.md with
 each issue's targets beside the measured values, and its PNG plots under docs/measurements/.
 
-Each benchmark writes its own JSON under bench/results/; the report reads them and says, for each, whether it
-was measured in this run or is left from an earlier one (`--skip` or a failed benchmark), with its time.
+Each benchmark writes its own JSON under bench/results/; the report keeps the newest of each in the committed
+record (labkit.results), reads them from there and says, for each, whether it was measured in this run or is
+left from an earlier one (`--skip`, a failed benchmark, or another machine), with its time.
 The foundation benchmark builds its own four VMs: the lab's VMs are paused (virsh suspend) while it runs, so
 the two do not share the two emulated CPUs, and resumed afterwards. `--report-only` rewrites the report from
 the JSON already there (`make chaos` does, with its own results).
@@ -23,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labkit import units
+from labkit import results, units
 from service_pooled import TARGET_RATIO, TARGET_REUSABLE_MS  # the benchmark prints its verdicts too
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RESULTS = PROJECT_ROOT / "bench" / "results"
 REPORT = PROJECT_ROOT / "docs" / "measurements.md"
 FIGURES = REPORT.with_suffix("")
 LIBVIRT = "qemu:///system"
@@ -64,6 +64,8 @@ BENCHMARKS = (
     Benchmark("cluster_ops", "cluster_ops.py", "cluster_ops.json",
               "snapshot, clone-to-serving of a new cell, removal, rolling update under load"),
 )  # fmt: skip
+CHAOS = Benchmark("chaos", "../tests/chaos", "chaos.json", "fault scenarios (`make chaos`)")
+ROLLING_UPDATE_PLOT = "rolling_update_latency.png"  # cluster_ops draws it among its results
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,10 @@ def run_benchmark(benchmark: Benchmark, extra: list[str]) -> tuple[bool, float]:
 
 
 def load(result: str) -> tuple[dict[str, Any] | list[Any] | None, float | None]:
-    path = RESULTS / result
-    if not path.exists():
+    path, measured_at = results.newest(result)
+    if path is None:
         return None, None
-    return json.loads(path.read_text()), path.stat().st_mtime
+    return json.loads(path.read_text()), measured_at
 
 
 def at_most(measured: float | None, limit: float) -> bool | None:
@@ -360,7 +362,7 @@ def write_report(started: float, ran: dict[str, tuple[bool, float]]) -> Path:
         "| benchmark | what | measured |",
         "|---|---|---|",
     ]
-    sources = [*BENCHMARKS, Benchmark("chaos", "../tests/chaos", "chaos.json", "fault scenarios (`make chaos`)")]
+    sources = [*BENCHMARKS, CHAOS]
     loaded: dict[str, Any] = {}
     for benchmark in sources:
         data, written = load(benchmark.result)
@@ -398,12 +400,13 @@ def write_report(started: float, ran: dict[str, tuple[bool, float]]) -> Path:
     if cluster and plot_clone_steps(cluster, FIGURES / "clone_to_serving_steps.png"):
         lines += ["", "## Clone-to-serving of a new cell", "",
                   f"![clone to serving]({FIGURES.name}/clone_to_serving_steps.png)"]  # fmt: skip
-        if (RESULTS / "rolling_update_latency.png").exists():
-            shutil.copyfile(RESULTS / "rolling_update_latency.png", FIGURES / "rolling_update_latency.png")
+        rolling, _measured_at = results.newest(ROLLING_UPDATE_PLOT)
+        if rolling is not None:
+            shutil.copyfile(rolling, FIGURES / ROLLING_UPDATE_PLOT)
             lines += ["", "## Rolling update under load", "",
                       f"![rolling update]({FIGURES.name}/rolling_update_latency.png)"]  # fmt: skip
-    chaos_report = RESULTS / "chaos.md"
-    if chaos_report.exists():
+    chaos_report, _measured_at = results.newest("chaos.md")
+    if chaos_report is not None:
         lines += ["", chaos_report.read_text().replace("# Chaos on the lab", "## Chaos (`make chaos`)", 1)]
     REPORT.write_text("\n".join(lines).rstrip() + "\n")
     return REPORT
@@ -415,7 +418,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from bench/results")
     parser.add_argument("--skip-cold", action="store_true", help="foundation without the cold image build")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.RUN_RESULTS.mkdir(parents=True, exist_ok=True)
     FIGURES.mkdir(parents=True, exist_ok=True)
     started = time.time()
     ran: dict[str, tuple[bool, float]] = {}
@@ -427,6 +430,8 @@ def main() -> None:
             log(f"{benchmark.name}: {benchmark.what}")
             ran[benchmark.name] = run_benchmark(benchmark, extra)
             log(f"{benchmark.name}: {'done' if ran[benchmark.name][0] else 'FAILED'} in {ran[benchmark.name][1]:.0f} s")
+    kept = results.keep([*(b.result for b in [*BENCHMARKS, CHAOS]), "chaos.md", ROLLING_UPDATE_PLOT])
+    log(f"kept in {results.RECORD.relative_to(PROJECT_ROOT)}: {', '.join(kept) or 'nothing new'}")
     path = write_report(started, ran)
     print(path.read_text())
     print(f"written to {path.relative_to(PROJECT_ROOT)}")

@@ -7,7 +7,7 @@ A steady load of computations runs through the load balancer (from this machine,
 during every fault; permalink writes too where the fault is on the data host. Each scenario states up front
 what it may lose (the requests in flight when a process or VM dies, or sent to it before HAProxy's checks take
 it out); anything beyond that fails it. test_chaos.py runs each as a test and writes bench/results/chaos.json
-and chaos.md, which `make bench`'s report folds into docs/measurements.md. The lab is left as it was found
+and chaos.md, which `make bench`'s report keeps in the committed record and folds into docs/measurements.md. The lab is left as it was found
 (every service running, every cell UP), or the scenario says it could not.
 """
 
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from labkit import units
+from labkit import results, units
 from labkit.lab import (
     CELLS,
     DATA_HOST,
@@ -45,9 +45,7 @@ from labkit.load import Sample, SteadyLoad, enter_lab_namespace
 from labkit.sending import SCRIPTS, answers_from, requests_command, script_command
 from labkit.waiting import until
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-RESULTS = PROJECT_ROOT / "bench" / "results"
+RESULTS = results.RUN_RESULTS
 URL = f"https://{LOAD_BALANCER}/service"
 PERMALINK_URL = f"https://{LOAD_BALANCER}/permalink"
 LOG_DIR = "/var/log/cellfleet-hosts"
@@ -506,7 +504,7 @@ def record(outcome: Outcome) -> None:
 def merged_with_earlier(outcomes: list[Outcome]) -> list[Outcome]:
     """A run of some scenarios (--only) replaces those in the last results and keeps the others, dated."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "chaos.json"
-    earlier = [Outcome(**row) for row in json.loads(path.read_text())] if path.exists() else []
+    path, _measured_at = results.newest("chaos.json")  # the committed record's on a machine that ran none yet
+    earlier = [Outcome(**row) for row in json.loads(path.read_text())] if path is not None else []
     fresh = {outcome.scenario for outcome in outcomes}
     return [outcome for outcome in earlier if outcome.scenario not in fresh] + outcomes
