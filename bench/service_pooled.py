@@ -72,12 +72,16 @@ UNPOOLED_STOP = f"systemctl stop {UNPOOLED_UNIT}; systemctl reset-failed {UNPOOL
 # Whose CPU an answer costs in each mode: the pooled server and its provider with every box in it, or the
 # unpooled server's unit, which holds its own provider and kernels.
 MODE_UNITS = {"pooled": (units.CELL_SERVER, units.KERNEL_PROVIDER), "unpooled": (UNPOOLED_UNIT,)}
+# The provider's own leaf in its unit's cgroup, beside the boxes: what the provider itself spends (kernel_box).
+PROVIDER_LEAF = "provider"
 # The cell's idle CPU seconds (/proc/stat, in USER_HZ) and the CPU microseconds of each running unit's cgroup.
 CPU_SNAPSHOT = (
     "awk '/^cpu / {print \"idle\", $5 + $6}' /proc/stat; "
     f"for unit in {' '.join(unit for names in MODE_UNITS.values() for unit in names)}; do "
     "group=$(systemctl show -p ControlGroup --value $unit); "
-    '[ -n "$group" ] && echo "$unit $(sed -n \'s/^usage_usec //p\' /sys/fs/cgroup$group/cpu.stat)"; done; true'
+    '[ -n "$group" ] && echo "$unit $(sed -n \'s/^usage_usec //p\' /sys/fs/cgroup$group/cpu.stat)"; '
+    f"leaf=/sys/fs/cgroup$group/{PROVIDER_LEAF}/cpu.stat; "
+    f'[ -n "$group" ] && [ -f $leaf ] && echo "$unit/{PROVIDER_LEAF} $(sed -n \'s/^usage_usec //p\' $leaf)"; done; true'
 )
 USER_HZ = 100
 
@@ -119,6 +123,10 @@ def measured_load(address: str, mode: str, port: int, concurrency: int, seconds:
     answers = len(run["latencies"])
     numbers["cpu_s_per_answer"] = spent / answers if answers else float("nan")
     numbers["cell_idle_s"] = after["idle"] - before["idle"]
+    # Where it went: each unit's share, and the pooled provider's own leaf apart from its boxes.
+    numbers["cpu_s_per_answer_by_group"] = {
+        name: (after[name] - before[name]) / answers for name in after if name != "idle" and name in before and answers
+    }
     return numbers
 
 

@@ -191,3 +191,21 @@ def test_the_largest_box_is_the_one_holding_the_most_memory(tmp_path: Path) -> N
     assert KernelCgroups.largest(boxes) == tmp_path / "hog"
     assert KernelCgroups.largest([tmp_path / "gone"]) == tmp_path / "gone"
     assert KernelCgroups.largest([]) is None
+
+
+def test_cgroup_events_wake_on_a_change_of_a_watched_file(tmp_path: Path) -> None:
+    watched, other = tmp_path / "cgroup.events", tmp_path / "other"
+    watched.write_text("populated 1\n")
+    other.write_text("")
+    events = kernel_box.CgroupEvents()
+    try:
+        assert events.watch(watched)
+        assert not events.watch(tmp_path / "gone" / "cgroup.events")
+        assert events.drain() == 0
+        other.write_text("changed\n")
+        assert events.drain() == 0, "an unwatched file woke the provider"
+        watched.write_text("populated 0\n")
+        assert events.drain() > 0
+        assert events.drain() == 0, "one change is read once"
+    finally:
+        events.close()

@@ -163,6 +163,40 @@ def test_as_many_requests_as_kernels_all_get_one() -> None:
     assert [outcome for outcome, _ in outcomes] == ["kernel"] * 8, outcomes
 
 
+class CountingQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """The reserve, counting how often a request looked into it."""
+
+    looks = 0
+
+    def get_nowait(self) -> Any:
+        self.looks += 1
+        return super().get_nowait()
+
+
+async def wait_behind_a_full_pool() -> tuple[float, int]:
+    """A pool of one slot, no reserve: a second request waits while the first holds the kernel 1.5 s. How long
+    the second request took after the release, and how often it looked into the reserve meanwhile."""
+    pool = PoolOfStubKernels(PoolSettings(max_kernels=1, preforked=0, acquire_wait=5.0))
+    reserve = pool._ready = CountingQueue()
+    await pool.start()
+    first = await pool.acquire()
+    second = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(1.5)
+    released = time.monotonic()
+    await pool.release(first)
+    pool.release(await second)
+    took = time.monotonic() - released
+    await pool.stop()
+    return took, reserve.looks
+
+
+def test_a_request_waiting_for_a_slot_gets_it_as_the_release_frees_it_without_polling() -> None:
+    took, looks = asyncio.run(wait_behind_a_full_pool())
+    assert took < 0.2, f"the waiting request took {took:.2f} s after the release"
+    # Woken by the release, and by its once-a-second look for a stalled provider: not polling the reserve.
+    assert looks <= 4, f"the waiting request looked into the reserve {looks} times in 1.5 s"
+
+
 class ScriptedClient:
     """Answers kernel_info as a starting kernel does: replies on the shell channel, and output messages that
     arrive only once the output channel's subscription has reached the kernel."""

@@ -40,6 +40,7 @@ CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 MNT_DETACH = 0x2
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+IN_MODIFY, IN_NONBLOCK, IN_CLOEXEC = 0x2, 0o4000, 0o2000000  # linux/inotify.h
 KERNEL_CGROUP_PREFIX = "kernel-"
 KERNELS_CGROUP = "kernels"  # every box, under one parent whose memory.high keeps them below their ancestors' limit
 # What the boxes together leave free below the tightest memory.max above them (the workers' slice), for the
@@ -304,6 +305,39 @@ class KernelCgroups:
         except OSError:
             return False
         return True
+
+
+class CgroupEvents:
+    """Tells when a watched cgroup file changed: the kernel reports each change of cgroup.events (a box
+    emptied) and memory.events (the boxes went over their memory.high) to inotify, so the provider waits on one
+    descriptor instead of reading those files again and again while it competes with the kernels for CPU."""
+
+    def __init__(self) -> None:
+        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"inotify_init1: {os.strerror(error)}")
+
+    def watch(self, path: Path) -> bool:
+        """Hear of path's changes from now on, until it is removed; False when it cannot be watched (gone
+        already): the caller's own periodic check then sees its state."""
+        return libc.inotify_add_watch(self.fd, bytes(path), IN_MODIFY) >= 0
+
+    def drain(self) -> int:
+        """Read every pending event; how many bytes there were (their content does not matter: the provider
+        checks the boxes' state itself)."""
+        pending = 0
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return pending
+            if not chunk:
+                return pending
+            pending += len(chunk)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def set_loopback_up() -> None:

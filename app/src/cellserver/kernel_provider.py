@@ -58,6 +58,7 @@ from ipykernel.kernelapp import IPKernelApp
 from cellserver import sagecell_hooks, systemd
 from cellserver.kernel_box import (
     BoxLimits,
+    CgroupEvents,
     KernelCgroups,
     Worker,
     WorkerPool,
@@ -96,9 +97,12 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MADV_COLLAPSE = 25  # linux/mman.h
 HUGE_PAGE_BYTES = 2 << 20
 RETAIN_SWEEP_SECONDS = 30.0  # how often expired retained files are looked for
-BOX_POLL_SECONDS = 0.01  # how often a killed box is checked for its last process
-# How often the boxes' memory is checked while kernels run: past their memory.high the kernel slows their
-# allocations down, so the guard has time to act before the slice's OOM killer would.
+# A killed box wakes the provider when it empties (cgroup.events); this often its task count is also checked,
+# for a box that stopped emptying (BOX_DEATH_SECONDS) or whose file could not be watched.
+BOX_CHECK_SECONDS = 0.5
+# The boxes going over their memory.high wakes the guard (memory.events); where that file cannot be watched, it
+# is read this often while kernels run. Past memory.high the kernel slows the boxes' allocations down, so the
+# guard has time to act before the slice's OOM killer would.
 MEMORY_GUARD_SECONDS = 0.25
 # A killed box whose task count has not dropped for this long goes to the full reset. A box that still empties
 # is left to finish: a starved cell takes long to end a fork bomb's tasks, and the full reset run meanwhile
@@ -305,6 +309,9 @@ class Provider:
         self.suspect_workers: set[str] = set()
         self.guard_killed: set[Path] = set()  # boxes the memory guard killed, until their kernel's release
         self.selector = selectors.DefaultSelector()
+        self.cgroup_events = CgroupEvents() if self.cgroups is not None else None
+        if self.cgroup_events is not None:
+            self.selector.register(self.cgroup_events.fd, selectors.EVENT_READ, "cgroups")
         self.wakeup_reader, wakeup_writer = os.pipe()
         os.set_blocking(self.wakeup_reader, False)
         os.set_blocking(wakeup_writer, False)
@@ -498,6 +505,8 @@ class Provider:
         elif record.box is not None and self.cgroups is not None:
             # Everything the kernel could touch is in its box: it is clean once the box is empty, and its
             # worker is reusable once every task in it is killed and its home detached (see EARLY_REUSE_TASKS).
+            # Watched before its state is read: an emptying between the two still wakes the provider.
+            self.watch(record.box.cgroup / "cgroup.events")
             self.dying[kernel_id] = record
             if self.detach_home(record.worker) and self.cgroups.task_count(record.box.cgroup) <= EARLY_REUSE_TASKS:
                 record.worker_freed = True
@@ -543,6 +552,10 @@ class Provider:
     def forget(self, record: KernelRecord) -> None:
         self.kernels.pop(record.kernel_id, None)
         shutil.rmtree(record.directory, ignore_errors=True)
+
+    def watch(self, path: Path) -> bool:
+        """Wake the loop when the cgroup file at path changes; False when it cannot be watched."""
+        return self.cgroup_events is not None and self.cgroup_events.watch(path)
 
     def detach_home(self, worker: Worker) -> bool:
         """Detach the worker's home from the provider's view (the killed kernel keeps its own until it is gone)."""
@@ -667,21 +680,27 @@ class Provider:
             self.selector.register(listener, selectors.EVENT_READ, "listener")
         swept = guarded = time.monotonic()
         guards = self.cgroups is not None and self.cgroups.high is not None
+        guard_polls = guards and self.cgroups is not None and not self.watch(self.cgroups.kernels / "memory.events")
         while True:
             if time.monotonic() - swept > RETAIN_SWEEP_SECONDS:
                 self.remove_expired_files()
                 swept = time.monotonic()
             if self.dying:
                 self.collect_boxes()
-            # Not on every wake-up: a message from the server or a box being emptied wakes the loop far more often.
-            if guards and time.monotonic() - guarded >= MEMORY_GUARD_SECONDS:
+            # Not on every wake-up: a message from the server wakes the loop far more often.
+            if guard_polls and time.monotonic() - guarded >= MEMORY_GUARD_SECONDS:
                 self.guard_memory()
                 guarded = time.monotonic()
-            timeout = BOX_POLL_SECONDS if self.dying else RETAIN_SWEEP_SECONDS
-            if guards and self.kernels:
+            timeout = BOX_CHECK_SECONDS if self.dying else RETAIN_SWEEP_SECONDS
+            if guard_polls and self.kernels:
                 timeout = min(timeout, MEMORY_GUARD_SECONDS)
             for key, _events in self.selector.select(timeout=timeout):
-                if key.data == "wakeup":
+                if key.data == "cgroups":
+                    assert self.cgroup_events is not None
+                    self.cgroup_events.drain()
+                    if guards:
+                        self.guard_memory()  # one read of memory.events; a box emptying wakes it too
+                elif key.data == "wakeup":
                     while True:
                         try:
                             if not os.read(self.wakeup_reader, 512):

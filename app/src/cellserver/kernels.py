@@ -44,6 +44,9 @@ HELLO_PATIENCE_SECONDS = 30.0
 # seconds, minutes on a starved machine. Its death ends the wait at once (its pipe closes).
 SPAWNED_HELLO_PATIENCE_SECONDS = 300.0
 SLOT_POLL_SECONDS = 0.05
+# A request waiting for a kernel wakes when one joins the reserve or a slot frees; this often it also looks
+# again whether the provider stalled.
+WAITING_RECHECK_SECONDS = 1.0
 STOP_PATIENCE_SECONDS = 10.0  # how long a stopping server waits for running computations and releases
 # Reserve kernels started side by side: a start is CPU work now, and a refill that takes every core makes
 # the computations asked for meanwhile wait behind it. One core stays theirs.
@@ -346,6 +349,8 @@ class KernelPool:
         self._refill_task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
+        # Set, and replaced by a fresh one, each time a slot frees: every request waiting then looks again.
+        self._slot_freed = asyncio.Event()
         self._refilling = 0  # reserve kernels being started right now
         self._late_starts: set[asyncio.Future[None]] = set()  # readiness of kernels past the start timeout
         self._waiters: list[object] = []  # requests waiting for a kernel, oldest first
@@ -437,14 +442,26 @@ class KernelPool:
                 raise KernelSlowStartError(str(own_start_late)) from own_start_late  # waited enough, or for nothing
             if remaining <= 0:
                 raise KernelsBusyError()
-            try:
-                # Short waits: a slot freed by a release (no reserve kernel comes of it) is seen soon too.
-                kernel = await asyncio.wait_for(self._ready.get(), timeout=min(remaining, SLOT_POLL_SECONDS))
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11 (EL9)
+            kernel = await self._next_ready_or_freed_slot(min(remaining, WAITING_RECHECK_SECONDS))
+            if kernel is None:
                 continue
             self._wakeup.set()
             if self._still_running(kernel):
                 return kernel
+
+    async def _next_ready_or_freed_slot(self, timeout: float) -> Kernel | None:
+        """A kernel from the reserve, or None once a slot frees (a release that brings no reserve kernel) or
+        timeout passes. Woken by those events, not by polling: a saturated pool has many requests waiting, on a
+        cell whose CPU the kernels need."""
+        taken = asyncio.ensure_future(self._ready.get())
+        freed = asyncio.ensure_future(self._slot_freed.wait())
+        try:
+            await asyncio.wait({taken, freed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            freed.cancel()
+            if not taken.done():
+                taken.cancel()  # a cancelled get leaves its kernel in the queue
+        return taken.result() if taken.done() and not taken.cancelled() else None
 
     def _still_running(self, kernel: Kernel) -> bool:
         """Whether a kernel taken from the reserve still runs; one killed while it waited (a reset, the OOM
@@ -525,7 +542,7 @@ class KernelPool:
         except ProviderError as error:
             log.error("releasing kernel %s: %s", kernel_id, error)
         finally:
-            self._live -= 1
+            self._free_a_slot()
             self._wakeup.set()
 
     async def _launch(self) -> Kernel:
@@ -533,8 +550,16 @@ class KernelPool:
         try:
             return await self._start_kernel()
         except BaseException:
+            # Not _free_a_slot: a start the provider refused (every worker busy) would wake the waiting
+            # requests to ask again at once, and be refused again.
             self._live -= 1
             raise
+
+    def _free_a_slot(self) -> None:
+        """A kernel released: its slot counts no more, and the requests waiting look again."""
+        self._live -= 1
+        self._slot_freed.set()
+        self._slot_freed = asyncio.Event()
 
     async def _start_kernel(self) -> Kernel:
         answer = await self._ask_for_a_kernel()
@@ -630,7 +655,7 @@ class KernelPool:
 
     def _release_late_kernel(self, asked: asyncio.Future[dict[str, Any]]) -> None:
         if asked.cancelled() or asked.exception() is not None:
-            self._live -= 1
+            self._free_a_slot()
             return
         self._release_in_background(asked.result()["kernel_id"])
 
