@@ -220,7 +220,8 @@ def cpu_ratio(data: Any, load: str) -> float | None:
 
 
 def pooled_targets(data: Any) -> list[Target]:
-    ratios = dig(data, "pooled / unpooled") or {"concurrency 8": None}
+    ratios = {load: None if ratio is None else round(ratio, 3)  # as service_pooled.ratio_of does
+              for load, ratio in (dig(data, "pooled / unpooled") or {"concurrency 8": None}).items()}  # fmt: skip
     size = dig(data, "pool size")
     pool = f" (pool of {size})" if size else ""
     reusable = dig(data, "release to reusable", "p50_ms")

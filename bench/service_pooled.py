@@ -188,6 +188,11 @@ def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
     print(f"slow path, full reset of a worker (median of 3): {results['full worker reset']['median_s']:.2f} s")
 
 
+def ratio_of(pooled: float, unpooled: float) -> float:
+    """Rounded to 3 digits: 45 answers against 50 in the same seconds is 0.9x, not 0.8999... and a miss."""
+    return round(pooled / unpooled, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cell", default="cell1", choices=sorted(CELLS), help="the lab cell to measure on")
@@ -205,7 +210,7 @@ def main() -> None:
         finally:
             ssh(address, HEALTH_TIMER_START)
     results["pooled / unpooled"] = {
-        name: numbers["per_second"] / results["unpooled"][name]["per_second"]
+        name: ratio_of(numbers["per_second"], results["unpooled"][name]["per_second"])
         for name, numbers in results["pooled"].items()
     }
     resets = [float(ssh(address, RESET_TIMING)) for _ in range(3)]
