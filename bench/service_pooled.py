@@ -74,6 +74,7 @@ UNPOOLED_STOP = f"systemctl stop {UNPOOLED_UNIT}; systemctl reset-failed {UNPOOL
 MODE_UNITS = {"pooled": (units.CELL_SERVER, units.KERNEL_PROVIDER), "unpooled": (UNPOOLED_UNIT,)}
 # The provider's own leaf in its unit's cgroup, beside the boxes: what the provider itself spends (kernel_box).
 PROVIDER_LEAF = "provider"
+MAIN_PROCESS = "main process"
 # The cell's idle CPU seconds (/proc/stat, in USER_HZ) and the CPU microseconds of each running unit's cgroup.
 CPU_SNAPSHOT = (
     "awk '/^cpu / {print \"idle\", $5 + $6}' /proc/stat; "
@@ -81,7 +82,13 @@ CPU_SNAPSHOT = (
     "group=$(systemctl show -p ControlGroup --value $unit); "
     '[ -n "$group" ] && echo "$unit $(sed -n \'s/^usage_usec //p\' /sys/fs/cgroup$group/cpu.stat)"; '
     f"leaf=/sys/fs/cgroup$group/{PROVIDER_LEAF}/cpu.stat; "
-    f'[ -n "$group" ] && [ -f $leaf ] && echo "$unit/{PROVIDER_LEAF} $(sed -n \'s/^usage_usec //p\' $leaf)"; done; true'
+    f'[ -n "$group" ] && [ -f $leaf ] && echo "$unit/{PROVIDER_LEAF} $(sed -n \'s/^usage_usec //p\' $leaf)"; '
+    # The unit's main process alone (utime + stime, in USER_HZ ticks, as microseconds): the unpooled server's
+    # own share of its unit, which also holds its provider and kernels.
+    "pid=$(systemctl show -p MainPID --value $unit); "
+    f'[ "${{pid:-0}}" -gt 0 ] && echo "$unit/{MAIN_PROCESS} '
+    '$(awk \'{printf "%d\\n", ($14 + $15) * 10000}\' /proc/$pid/stat)"; '
+    "done; true"
 )
 USER_HZ = 100
 
@@ -102,7 +109,7 @@ def cpu_snapshot(address: str) -> dict[str, float]:
     """The cell's idle seconds so far and each mode's CPU seconds so far."""
     seconds = {}
     for line in ssh(address, CPU_SNAPSHOT).splitlines():
-        name, value = line.split()
+        name, value = line.rsplit(maxsplit=1)
         seconds[name] = float(value) / (USER_HZ if name == "idle" else 1e6)
     return seconds
 
@@ -123,7 +130,7 @@ def measured_load(address: str, mode: str, port: int, concurrency: int, seconds:
     answers = len(run["latencies"])
     numbers["cpu_s_per_answer"] = spent / answers if answers else float("nan")
     numbers["cell_idle_s"] = after["idle"] - before["idle"]
-    # Where it went: each unit's share, and the pooled provider's own leaf apart from its boxes.
+    # Where it went: each unit, the pooled provider's own leaf apart from its boxes, each unit's main process.
     numbers["cpu_s_per_answer_by_group"] = {
         name: (after[name] - before[name]) / answers for name in after if name != "idle" and name in before and answers
     }
