@@ -7,8 +7,8 @@ A steady load of computations runs through the load balancer (from this machine,
 during every fault; permalink writes too where the fault is on the data host. Each scenario states up front
 what it may lose (the requests in flight when a process or VM dies, or sent to it before HAProxy's checks take
 it out); anything beyond that fails it. test_chaos.py runs each as a test and writes bench/results/chaos.json
-and chaos.md, which `make bench`'s report keeps in the committed record and folds into docs/measurements.md. The lab is left as it was found
-(every service running, every cell UP), or the scenario says it could not.
+and chaos.md, which `make bench`'s report keeps in the committed record and folds into docs/measurements.md.
+The lab is left as it was found (every service running, every cell UP), or the scenario says it could not.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from labkit import results, units
