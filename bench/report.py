@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit import results, units
-from service_pooled import TARGET_RATIO, TARGET_REUSABLE_MS  # the benchmark prints its verdicts too
+from service_pooled import RATIO_DIGITS, TARGET_RATIO, TARGET_REUSABLE_MS  # the benchmark prints its verdicts too
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REPORT = PROJECT_ROOT / "docs" / "measurements.md"
@@ -220,7 +220,7 @@ def cpu_ratio(data: Any, load: str) -> float | None:
 
 
 def pooled_targets(data: Any) -> list[Target]:
-    ratios = {load: None if ratio is None else round(ratio, 3)  # as service_pooled.ratio_of does
+    ratios = {load: None if ratio is None else round(ratio, RATIO_DIGITS)  # results stored before ratio_of
               for load, ratio in (dig(data, "pooled / unpooled") or {"concurrency 8": None}).items()}  # fmt: skip
     size = dig(data, "pool size")
     pool = f" (pool of {size})" if size else ""
@@ -405,7 +405,7 @@ def write_report(started: float, ran: dict[str, tuple[bool, float]]) -> Path:
         if rolling is not None:
             shutil.copyfile(rolling, FIGURES / ROLLING_UPDATE_PLOT)
             lines += ["", "## Rolling update under load", "",
-                      f"![rolling update]({FIGURES.name}/rolling_update_latency.png)"]  # fmt: skip
+                      f"![rolling update]({FIGURES.name}/{ROLLING_UPDATE_PLOT})"]  # fmt: skip
     chaos_report, _measured_at = results.newest("chaos.md")
     if chaos_report is not None:
         lines += ["", chaos_report.read_text().replace("# Chaos on the lab", "## Chaos (`make chaos`)", 1)]
