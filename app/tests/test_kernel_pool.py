@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cellserver import kernels
 from cellserver.config import ServerConfig
 from cellserver.kernels import (
     IOPUB_PATIENCE_SECONDS,
@@ -244,12 +245,45 @@ def test_a_kernel_that_never_answers_is_given_up_at_the_start_timeout() -> None:
     assert 2.5 <= time.monotonic() - started < 3.0
 
 
-class LateClient(ScriptedClient):
-    """A kernel on a starved machine: silent for silent_requests kernel_info requests (a second each), then
-    it answers."""
+class KernelUpAt:
+    """A kernel that reads its queue from a moment on: every request asked before then is answered then."""
 
-    def __init__(self, silent_requests: int) -> None:
-        super().__init__(silent_requests, unsubscribed_requests=0)
+    def __init__(self, up_at: float) -> None:
+        self.up_at = up_at
+        self.asked = 0
+
+    def kernel_info(self) -> str:
+        self.asked += 1
+        return f"m{self.asked}"
+
+    async def get_shell_msg(self, timeout: float) -> dict[str, Any]:
+        wait = self.up_at - time.monotonic()
+        if wait > timeout:
+            await asyncio.sleep(timeout)
+            raise queue.Empty
+        await asyncio.sleep(max(wait, 0))
+        return {"msg_type": "kernel_info_reply", "parent_header": {"msg_id": "m1"}}
+
+    async def get_iopub_msg(self, timeout: float) -> dict[str, Any]:
+        return {"msg_type": "status"}
+
+
+def test_a_slow_starting_kernel_is_asked_less_often_and_seen_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "KERNEL_INFO_PATIENCE_SECONDS", 0.05)
+    monkeypatch.setattr(kernels, "KERNEL_INFO_PATIENCE_MAX_SECONDS", 0.4)
+    client = KernelUpAt(time.monotonic() + 1.5)
+    asyncio.run(wait_for_answers(client, timeout=10))  # type: ignore[arg-type]
+    # 0.05 + 0.1 + 0.2 + 0.4 + 0.4 + 0.4 s silent: 7 asks, where a fixed 0.05 s patience asks 30 times.
+    assert client.asked <= 7, f"asked a silent kernel {client.asked} times in 1.5 s"
+    # The longer patience does not delay the answer: whichever ask it replies to, the wait ends with it.
+    assert time.monotonic() - client.up_at < 0.1
+
+
+class LateClient(KernelUpAt):
+    """A kernel on a starved machine: silent for silent_seconds after its start, then it answers."""
+
+    def __init__(self, silent_seconds: float) -> None:
+        super().__init__(time.monotonic() + silent_seconds)
         self.stopped = False
 
     def stop_channels(self) -> None:
@@ -259,10 +293,10 @@ class LateClient(ScriptedClient):
 class PoolOfLateKernels(KernelPool):
     """The pool's own start, with a provider that answers at once and kernels that answer late."""
 
-    def __init__(self, settings: PoolSettings, silent_requests: int) -> None:
+    def __init__(self, settings: PoolSettings, silent_seconds: float) -> None:
         super().__init__(settings)
         self.provider = InstantProvider()  # type: ignore[assignment]
-        self.silent_requests = silent_requests
+        self.silent_seconds = silent_seconds
         self.started: list[str] = []
 
     async def _ask_for_a_kernel(self) -> dict[str, Any]:
@@ -270,7 +304,7 @@ class PoolOfLateKernels(KernelPool):
         return {"kernel_id": self.started[-1], "pid": os.getpid(), "worker": None, "connection": {}}
 
     def _connect(self, connection: dict[str, Any]) -> LateClient:  # type: ignore[override]
-        return LateClient(self.silent_requests)
+        return LateClient(self.silent_seconds)
 
 
 async def wait_until(condition: Callable[[], bool], patience: float = 10.0) -> None:
@@ -280,10 +314,10 @@ async def wait_until(condition: Callable[[], bool], patience: float = 10.0) -> N
         await asyncio.sleep(0.01)
 
 
-async def acquire_from_late_kernels(silent_requests: int, requests: int) -> tuple[list[str], PoolOfLateKernels]:
+async def acquire_from_late_kernels(silent_seconds: float, requests: int) -> tuple[list[str], PoolOfLateKernels]:
     """Requests, one after the other, to a one-kernel pool whose kernels answer after the start timeout (2 s):
     what each got, and the pool once it stopped."""
-    pool = PoolOfLateKernels(PoolSettings(max_kernels=1, preforked=0, start_timeout=2.0), silent_requests)
+    pool = PoolOfLateKernels(PoolSettings(max_kernels=1, preforked=0, start_timeout=2.0), silent_seconds)
     await pool.start()
     outcomes = []
     for _ in range(requests):
@@ -302,7 +336,7 @@ def test_a_request_whose_kernel_answers_after_the_start_timeout_gets_that_kernel
     # On a starved cell a start often runs a few seconds past its timeout. Refusing the request then sent the
     # client elsewhere (or away with a 503) while its kernel came up moments later.
     started = time.monotonic()
-    outcomes, pool = asyncio.run(acquire_from_late_kernels(silent_requests=3, requests=1))
+    outcomes, pool = asyncio.run(acquire_from_late_kernels(silent_seconds=3.0, requests=1))
     assert outcomes == ["k0"]
     assert pool.started == ["k0"]
     assert time.monotonic() - started < 2.0 * LATE_START_PATIENCE_FACTOR
@@ -312,7 +346,7 @@ def test_a_late_kernel_of_a_request_that_gave_up_serves_the_next_one() -> None:
     # A request cancelled while its kernel is late (the client went away) leaves the kernel starting for the
     # reserve: killing it threw the start away, and the next request paid for a whole new one.
     async def cancel_then_ask_again() -> tuple[str, PoolOfLateKernels]:
-        pool = PoolOfLateKernels(PoolSettings(max_kernels=1, preforked=0, start_timeout=2.0), silent_requests=3)
+        pool = PoolOfLateKernels(PoolSettings(max_kernels=1, preforked=0, start_timeout=2.0), silent_seconds=3.0)
         await pool.start()
         first = asyncio.ensure_future(pool.acquire())
         await wait_until(lambda: bool(pool._late_starts))
@@ -330,7 +364,7 @@ def test_a_late_kernel_of_a_request_that_gave_up_serves_the_next_one() -> None:
 
 def test_a_kernel_that_never_answers_is_released_after_its_late_patience() -> None:
     started = time.monotonic()
-    outcomes, pool = asyncio.run(acquire_from_late_kernels(silent_requests=1000, requests=1))
+    outcomes, pool = asyncio.run(acquire_from_late_kernels(silent_seconds=1000.0, requests=1))
     assert outcomes == [KernelSlowStartError.__name__]
     assert time.monotonic() - started >= 2.0 * LATE_START_PATIENCE_FACTOR
     assert pool.started == ["k0"]
@@ -339,7 +373,7 @@ def test_a_kernel_that_never_answers_is_released_after_its_late_patience() -> No
 
 
 async def stop_during_a_late_start() -> tuple[float, PoolOfLateKernels, BaseException | None]:
-    pool = PoolOfLateKernels(PoolSettings(max_kernels=1, preforked=0, start_timeout=1.0), silent_requests=1000)
+    pool = PoolOfLateKernels(PoolSettings(max_kernels=1, preforked=0, start_timeout=1.0), silent_seconds=1000.0)
     await pool.start()
     waiting = asyncio.ensure_future(pool.acquire())
     await wait_until(lambda: bool(pool._late_starts))

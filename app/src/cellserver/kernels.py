@@ -56,7 +56,10 @@ REFILL_AT_ONCE = max(1, len(os.sched_getaffinity(0)) - 1)
 # polled hundreds of times a second.
 RECONNECT_MILLISECONDS = 5
 RECONNECT_MAX_MILLISECONDS = 100
-KERNEL_INFO_PATIENCE_SECONDS = 1.0  # before asking a starting kernel again
+# Before asking a starting kernel again, doubled after each unanswered ask up to the most: an ask waits in the
+# kernel's queue until it reads it, and each one it finds there costs it a reply on a cell already busy.
+KERNEL_INFO_PATIENCE_SECONDS = 1.0
+KERNEL_INFO_PATIENCE_MAX_SECONDS = 8.0
 IOPUB_PATIENCE_SECONDS = 0.2  # for the first output message, which shows the output channel is subscribed
 FILE_PATIENCE_SECONDS = 10.0  # for the provider to open a kernel's file
 # A kernel silent at the start timeout on a starved machine is most often close to answering: the request that
@@ -232,11 +235,13 @@ async def wait_for_answers(client: AsyncKernelClient, timeout: float) -> None:
     for 0.2 s: a fixed wait on every start, and a fresh kernel has nothing to drain (replies are told
     apart by their parent's id)."""
     deadline = time.monotonic() + timeout
+    patience = KERNEL_INFO_PATIENCE_SECONDS
     while (remaining := deadline - time.monotonic()) > 0:
         client.kernel_info()
         try:
-            reply = await client.get_shell_msg(timeout=min(remaining, KERNEL_INFO_PATIENCE_SECONDS))
+            reply = await client.get_shell_msg(timeout=min(remaining, patience))
         except queue.Empty:
+            patience = min(patience * 2, KERNEL_INFO_PATIENCE_MAX_SECONDS)
             continue
         if reply["msg_type"] != "kernel_info_reply":
             continue
