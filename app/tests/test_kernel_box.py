@@ -97,26 +97,32 @@ def test_the_box_gives_private_tmpfs_places_that_go_with_it(tmp_path: Path) -> N
 def test_a_fresh_home_holds_the_skeleton_owned_by_root(tmp_path: Path) -> None:
     skeleton = tmp_path / "skel"
     (skeleton / ".ipython").mkdir(parents=True)
+    (skeleton / ".ipython").chmod(0o555)
     (skeleton / ".profile").write_text("umask 077\n")
+    (skeleton / ".profile").chmod(0o444)
+    (skeleton / ".ssh").symlink_to(tmp_path)  # a link is not followed: nothing outside the skeleton is copied
     home = tmp_path / "home"
     home.mkdir()
     (home / "on-disk").write_text("the disk's")
     worker = Worker(name="cellw01", uid=20001, gid=20000, home=home)
     pool = WorkerPool(workers=(worker,), selinux_context="", environment={}, skeleton_dir=skeleton,
-                      skeleton_entries=(".profile", ".ipython"))  # fmt: skip
+                      skeleton_entries=(".profile", ".ipython", ".ssh"))  # fmt: skip
 
     def mounted() -> dict[str, Any]:
         kernel_box.mount_home(worker, pool, BoxLimits(tmpfs_bytes=1 << 20))
         info = home.stat()
-        listing = {entry.name: (entry.stat().st_uid, entry.is_dir()) for entry in home.iterdir()}
+        listing = {entry.name: (entry.stat().st_uid, entry.is_dir(), oct(entry.stat().st_mode & 0o7777))
+                   for entry in home.iterdir()}  # fmt: skip
+        profile = (home / ".profile").read_text()
         (home / "written").write_text("by the kernel")
         kernel_box.unmount_home(worker)
         return {"owner": [info.st_uid, info.st_gid, oct(info.st_mode & 0o7777)], "listing": listing,
-                "after": sorted(os.listdir(home))}  # fmt: skip
+                "profile": profile, "after": sorted(os.listdir(home))}  # fmt: skip
 
     seen = in_child(mounted)
     assert seen["owner"] == [20001, 20000, "0o700"]
-    assert seen["listing"] == {".profile": [0, False], ".ipython": [0, True]}
+    assert seen["listing"] == {".profile": [0, False, "0o444"], ".ipython": [0, True, "0o555"]}
+    assert seen["profile"] == "umask 077\n"
     assert seen["after"] == ["on-disk"], "the kernel's home must not reach the disk"
 
 

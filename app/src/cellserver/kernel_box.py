@@ -19,9 +19,9 @@ import ctypes
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,15 +385,33 @@ def shared_network_namespace() -> int:
 
 
 def copy_skeleton(pool: WorkerPool, home: Path) -> None:
-    """The immutable dotfiles and directories, owned by root, into a fresh home."""
+    """The immutable dotfiles and directories, owned by root, into a fresh home.
+
+    Their contents and modes only: a tmpfs mounted with a context gives every file the same label, and no one
+    reads their timestamps, so none of what shutil's copies carry over (times, extended attributes) is asked
+    for: each box costs a few system calls per entry, which a starved cell feels on every kernel.
+    """
     if pool.skeleton_dir is None:
         return
     for name in pool.skeleton_entries:
-        source = pool.skeleton_dir / name
-        if source.is_dir():
-            shutil.copytree(source, home / name, symlinks=False)
-        elif source.is_file():
-            shutil.copy2(source, home / name)
+        copy_entry(pool.skeleton_dir / name, home / name)
+
+
+def copy_entry(source: Path, target: Path) -> None:
+    """A regular file or a directory tree (links and special files are left out), with its permission bits."""
+    info = source.lstat()
+    if stat.S_ISDIR(info.st_mode):
+        os.mkdir(target)
+        os.chmod(target, stat.S_IMODE(info.st_mode))
+        with os.scandir(source) as entries:
+            for entry in entries:
+                copy_entry(Path(entry.path), target / entry.name)
+    elif stat.S_ISREG(info.st_mode):
+        content = source.read_bytes()
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(descriptor, "wb") as stream:
+            stream.write(content)
+            os.fchmod(descriptor, stat.S_IMODE(info.st_mode))
 
 
 def mount_home(worker: Worker, pool: WorkerPool, limits: BoxLimits) -> None:
