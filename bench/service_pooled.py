@@ -9,10 +9,10 @@ Sage) also run unpooled on a second port: kernels as the server's account, no bo
 ratio is what confinement costs. Release to reusable comes from the kernel provider's log of the pooled run:
 from a kernel's release to its worker free again (its box killed, its home detached), and how many workers
 served. Under QEMU emulation (no KVM here) every number is far below what the same cell does on real hardware,
-and the emulating host's own load drifts: both servers run side by side and each load runs on one and then at
-once on the other, so a drift weighs on both. Beside answers per second, the CPU seconds each answer cost on the
-cell (the servers' and kernels' cgroups): on a cell whose CPU the load keeps busy that is what sets throughput,
-and it varies less than a count of answers does.
+and the emulating host's own load drifts: both servers run side by side, each load runs on one and right
+after on the other, and again with the order swapped, so a drift weighs on both. Beside answers per second,
+the CPU seconds each answer cost on the cell (the servers' and kernels' cgroups): on a cell whose CPU the load
+keeps busy that is what sets throughput, and it varies less than a count of answers does.
 Prints a table and writes bench/results/service_pooled.json. Run with `make bench-service-pooled`.
 """
 
@@ -122,26 +122,45 @@ def load(address: str, port: int, concurrency: int, seconds: float) -> dict[str,
 
 
 def measured_load(address: str, mode: str, port: int, concurrency: int, seconds: float) -> dict[str, Any]:
-    """A load's summary, with the CPU seconds per good answer its mode spent and the cell's idle seconds."""
+    """One load's run, with the CPU seconds its mode's units spent meanwhile and the cell's idle seconds."""
     before = cpu_snapshot(address)
     run = load(address, port, concurrency, seconds)
     after = cpu_snapshot(address)
-    numbers = summary(run, seconds)
-    spent = sum(after[unit] - before[unit] for unit in MODE_UNITS[mode])
-    answers = len(run["latencies"])
-    numbers["cpu_s_per_answer"] = spent / answers if answers else float("nan")
-    numbers["cell_idle_s"] = after["idle"] - before["idle"]
-    # Where it went: each unit, the pooled provider's own leaf apart from its boxes, each unit's main process.
+    spent = {name: after[name] - before[name] for name in after if name in before}
+    return {"run": run, "seconds": seconds, "spent": spent, "mode": mode}
+
+
+def combined(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one load and mode taken together: their answers over their summed seconds, and the CPU
+    seconds per good answer its mode spent (each unit, the pooled provider's own leaf apart from its boxes,
+    each unit's main process)."""
+    latencies = [latency for one in measured for latency in one["run"]["latencies"]]
+    outcomes: dict[str, int] = {}
+    for one in measured:
+        for outcome, count in one["run"]["outcomes"].items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+    numbers = summary({"latencies": latencies, "outcomes": outcomes}, sum(one["seconds"] for one in measured))
+    spent = {name: sum(one["spent"].get(name, 0.0) for one in measured) for name in measured[0]["spent"]}
+    answers = len(latencies)
+    mode = measured[0]["mode"]
+    numbers["runs"] = len(measured)
+    numbers["answers"] = answers
+    numbers["cpu_s_per_answer"] = sum(spent[unit] for unit in MODE_UNITS[mode]) / answers if answers else float("nan")
+    numbers["cell_idle_s"] = spent["idle"]
     numbers["cpu_s_per_answer_by_group"] = {
-        name: (after[name] - before[name]) / answers for name in after if name != "idle" and name in before and answers
+        name: seconds / answers for name, seconds in spent.items() if name != "idle" and answers
     }
     return numbers
 
 
-def measure_both(address: str, seconds: float, concurrencies: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-    """Each load on the pooled server, then at once on an unpooled one with the cell's settings."""
+def measure_both(
+    address: str, seconds: float, concurrencies: tuple[int, ...], rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Each load on the pooled server and on an unpooled one with the cell's settings, one right after the
+    other, rounds times; each round swaps which goes first, so a drift of the emulating host's speed during a
+    load weighs on both modes alike."""
     ports = {"pooled": int(inventory_setting("cells", "cell_server_port")), "unpooled": UNPOOLED_PORT}
-    results: dict[str, dict[str, Any]] = {"pooled": {}, "unpooled": {}}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {mode: {c: [] for c in concurrencies} for mode in ports}
     ssh(address, UNPOOLED_STOP)
     ssh(address, WRITE_UNPOOLED_CONFIG)
     try:
@@ -149,11 +168,16 @@ def measure_both(address: str, seconds: float, concurrencies: tuple[int, ...]) -
         for port in ports.values():
             load(address, port, 1, WARM_UP_SECONDS)  # the preforked reserve fills
         for concurrency in concurrencies:
-            for mode, port in ports.items():
-                results[mode][f"concurrency {concurrency}"] = measured_load(address, mode, port, concurrency, seconds)
+            for round_number in range(rounds):
+                order = list(ports) if round_number % 2 == 0 else list(reversed(ports))
+                for mode in order:
+                    runs[mode][concurrency].append(measured_load(address, mode, ports[mode], concurrency, seconds))
     finally:
         ssh(address, f"{UNPOOLED_STOP}; rm -f {UNPOOLED_CONFIG}")
-    return results
+    return {
+        mode: {f"concurrency {c}": combined(measured) for c, measured in by_load.items()}
+        for mode, by_load in runs.items()
+    }
 
 
 def release_to_reusable(address: str, since: str) -> dict[str, float]:
@@ -168,11 +192,12 @@ def release_to_reusable(address: str, since: str) -> dict[str, float]:
     }
 
 
-def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
+def print_table(address: str, results: dict[str, Any]) -> None:
     print("pooled: each kernel runs as an unused worker (uid, SELinux user_t) in a box thrown away after it;")
     print("unpooled: the same settings with kernels as the server's own account and no box (the laptop mode).")
     print(
-        f"/service print(1+1) on {address}: a fresh kernel each, {seconds:g} s per load; "
+        f"/service print(1+1) on {address}: a fresh kernel each, {results['rounds']} runs of {results['seconds']:g} s "
+        "per load and mode, alternating which mode runs first; "
         f"the pool has {results['pool size']} workers"
     )
     print(f"{'mode':10} {'load':16} {'answers':>7} {'per s':>7} {'p50 ms':>8} {'p90 ms':>8} {'failed':>7} "
@@ -180,8 +205,7 @@ def print_table(address: str, seconds: float, results: dict[str, Any]) -> None:
     for name in results["pooled"]:
         for mode in ("pooled", "unpooled"):
             numbers = results[mode][name]
-            answers = round(numbers["per_second"] * seconds)
-            print(f"{mode:10} {name:16} {answers:7d} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} "
+            print(f"{mode:10} {name:16} {numbers['answers']:7d} {numbers['per_second']:7.2f} {numbers['p50_ms']:8.0f} "
                   f"{numbers['p90_ms']:8.0f} {numbers['failures']:7.0f} {numbers['cpu_s_per_answer']:12.2f} "
                   f"{numbers['cell_idle_s']:11.1f}")  # fmt: skip
     for name, ratio in results["pooled / unpooled"].items():
@@ -203,16 +227,17 @@ def ratio_of(pooled: float, unpooled: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cell", default="cell1", choices=sorted(CELLS), help="the lab cell to measure on")
-    parser.add_argument("--seconds", type=float, default=120.0, help="per load (a kernel start takes seconds)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="per run of a load (a kernel start takes seconds)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each load in each mode, alternating which first")
     args = parser.parse_args()
     address = CELLS[args.cell]
-    results: dict[str, Any] = {"pool size": pool_size(address)}
+    results: dict[str, Any] = {"pool size": pool_size(address), "seconds": args.seconds, "rounds": args.rounds}
     concurrencies = loads_for(results["pool size"])
     with out_of_rotation(args.cell):
         ssh(address, HEALTH_TIMER_STOP)
         try:
             since = ssh(address, "date +%s").strip()
-            results.update(measure_both(address, args.seconds, concurrencies))
+            results.update(measure_both(address, args.seconds, concurrencies, args.rounds))
             results["release to reusable"] = release_to_reusable(address, since)
         finally:
             ssh(address, HEALTH_TIMER_START)
@@ -222,7 +247,7 @@ def main() -> None:
     }
     resets = [float(ssh(address, RESET_TIMING)) for _ in range(3)]
     results["full worker reset"] = {"median_s": sorted(resets)[1]}
-    print_table(address, args.seconds, results)
+    print_table(address, results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
