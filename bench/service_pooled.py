@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -121,28 +122,24 @@ def load(address: str, port: int, concurrency: int, seconds: float) -> dict[str,
     return load_from_vm(address, spec)
 
 
-def measured_load(address: str, mode: str, port: int, concurrency: int, seconds: float) -> dict[str, Any]:
+def measured_load(address: str, port: int, concurrency: int, seconds: float) -> dict[str, Any]:
     """One load's run, with the CPU seconds its mode's units spent meanwhile and the cell's idle seconds."""
     before = cpu_snapshot(address)
     run = load(address, port, concurrency, seconds)
     after = cpu_snapshot(address)
     spent = {name: after[name] - before[name] for name in after if name in before}
-    return {"run": run, "seconds": seconds, "spent": spent, "mode": mode}
+    return {"run": run, "seconds": seconds, "spent": spent}
 
 
-def combined(measured: list[dict[str, Any]]) -> dict[str, Any]:
-    """The runs of one load and mode taken together: their answers over their summed seconds, and the CPU
+def combined(mode: str, measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one load in one mode taken together: their answers over their summed seconds, and the CPU
     seconds per good answer its mode spent (each unit, the pooled provider's own leaf apart from its boxes,
     each unit's main process)."""
     latencies = [latency for one in measured for latency in one["run"]["latencies"]]
-    outcomes: dict[str, int] = {}
-    for one in measured:
-        for outcome, count in one["run"]["outcomes"].items():
-            outcomes[outcome] = outcomes.get(outcome, 0) + count
+    outcomes = dict(sum((Counter(one["run"]["outcomes"]) for one in measured), Counter()))
     numbers = summary({"latencies": latencies, "outcomes": outcomes}, sum(one["seconds"] for one in measured))
     spent = {name: sum(one["spent"].get(name, 0.0) for one in measured) for name in measured[0]["spent"]}
     answers = len(latencies)
-    mode = measured[0]["mode"]
     numbers["runs"] = len(measured)
     numbers["answers"] = answers
     numbers["cpu_s_per_answer"] = sum(spent[unit] for unit in MODE_UNITS[mode]) / answers if answers else float("nan")
@@ -171,11 +168,11 @@ def measure_both(
             for round_number in range(rounds):
                 order = list(ports) if round_number % 2 == 0 else list(reversed(ports))
                 for mode in order:
-                    runs[mode][concurrency].append(measured_load(address, mode, ports[mode], concurrency, seconds))
+                    runs[mode][concurrency].append(measured_load(address, ports[mode], concurrency, seconds))
     finally:
         ssh(address, f"{UNPOOLED_STOP}; rm -f {UNPOOLED_CONFIG}")
     return {
-        mode: {f"concurrency {c}": combined(measured) for c, measured in by_load.items()}
+        mode: {f"concurrency {c}": combined(mode, measured) for c, measured in by_load.items()}
         for mode, by_load in runs.items()
     }
 
@@ -230,6 +227,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="per run of a load (a kernel start takes seconds)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each load in each mode, alternating which first")
     args = parser.parse_args()
+    if args.seconds <= 0 or args.rounds < 1:
+        parser.error("--seconds must be above 0 and --rounds at least 1")
     address = CELLS[args.cell]
     results: dict[str, Any] = {"pool size": pool_size(address), "seconds": args.seconds, "rounds": args.rounds}
     concurrencies = loads_for(results["pool size"])
